@@ -1,0 +1,1183 @@
+"""messenger: a complete messenger backend in one file.
+
+A JSON API over HTTP for users, sessions, avatars, one-to-one dialogs,
+messages, read marks and long-polling updates, built on Bottle (routing),
+waitress (serving) and SQLite (storage), with nothing else.
+
+Run it:
+
+    python messenger.py --port 8080 --db messenger.db
+
+Embed it (for example in a test suite):
+
+    import messenger
+    with messenger.Server(db=":memory:") as server:   # a free port
+        print(server.url)
+
+    app = messenger.make_app("chat.db")   # a plain WSGI application
+
+The HTTP API is documented in README.md, route by route.
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import hmac
+import html
+import json
+import logging
+import math
+import os
+import secrets
+import signal
+import socket
+import sqlite3
+import sys
+import sysconfig
+import threading
+import time
+import unicodedata
+
+import bottle
+import waitress.server
+
+# ---------------------------------------------------------------------------
+# Limits and defaults
+# ---------------------------------------------------------------------------
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_DB = "messenger.db"
+DEFAULT_THREADS = 16  # a waiting long poll holds one
+
+PASSWORD_ITERATIONS = 600_000  # PBKDF2-HMAC-SHA256, as OWASP recommends
+SALT_BYTES = 16
+TOKEN_BYTES = 32  # 256 bits
+SESSION_COOKIE = "session_id"
+SESSION_DAYS = 30
+LOGIN_FAILURE_LIMIT = 10
+LOGIN_FAILURE_WINDOW = 15 * 60  # seconds
+
+MAX_JSON_BYTES = 100 * 1024
+MAX_PHOTO_BYTES = 5 * 1024 * 1024
+MULTIPART_OVERHEAD = 64 * 1024  # what a photo upload may add to the file
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+MAX_SEARCH_CHARS = 64
+MAX_MESSAGE_CHARS = 4096
+DEFAULT_PAGE = 50
+MAX_PAGE = 100
+
+# waitress, configured on purpose:
+# a body just above the largest upload reaches the app, which answers the
+# contract's 413 JSON; only a body beyond this gets waitress's plain 413.
+BODY_LIMIT_SLACK = 64 * 1024
+# headers past 64 KiB are waitress's 431: no honest client sends that much.
+MAX_HEADER_BYTES = 64 * 1024
+# enough for a browser's six connections from each of many clients.
+CONNECTION_LIMIT = 1000
+# an idle keep-alive connection is dropped after this many seconds; above
+# the longest poll so a waiting client is never cut off.
+CHANNEL_TIMEOUT = 120
+
+BUSY_TIMEOUT = 10  # seconds a connection waits for another's write lock
+JSON_TYPE = "application/json"
+
+log = logging.getLogger("messenger")
+
+# ---------------------------------------------------------------------------
+# The database
+# ---------------------------------------------------------------------------
+
+SCHEMA_VERSION = 1
+
+
+def _schema_path():
+    """Find schema.sql: beside this file, or where `pip install` put it."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.sql")
+    if os.path.exists(beside):
+        return beside
+    return os.path.join(sysconfig.get_path("data"), "share", "messenger", "schema.sql")
+
+
+class Database:
+    """SQLite connections for one app, shared safely by the server's threads.
+
+    A connection is borrowed for one piece of work and given back, so a
+    thread that waits (a long poll) holds none.
+    """
+
+    def __init__(self, path):
+        if path == ":memory:":
+            # Each plain ":memory:" connection gets its own empty database;
+            # the memdb VFS lets all of this app's connections share one.
+            self.target, self.uri = f"file:/messenger-{secrets.token_hex(8)}?vfs=memdb", True
+        else:
+            self.target, self.uri = path, False
+        self.path = path
+        self._idle = []
+        self._lock = threading.Lock()
+        self._closed = False
+        conn = self._open()
+        try:
+            if not self.uri:
+                conn.execute("PRAGMA journal_mode = WAL")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._idle.append(conn)
+
+    def _open(self):
+        conn = sqlite3.connect(
+            self.target,
+            uri=self.uri,
+            timeout=BUSY_TIMEOUT,
+            isolation_level=None,  # transactions are begun explicitly
+            check_same_thread=False,  # a pooled connection moves between threads
+        )
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA foreign_keys = ON")  # outside any transaction, or it stays off
+        conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: survives a crash of the process
+        return conn
+
+    def _migrate(self, conn):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"the database has schema version {version}; this messenger knows {SCHEMA_VERSION}"
+            )
+        if version == 0:
+            with open(_schema_path(), encoding="utf-8") as f:
+                schema = f.read()
+            conn.executescript("BEGIN IMMEDIATE;\n" + schema + "\nCOMMIT;")
+
+    @contextlib.contextmanager
+    def connection(self):
+        """Borrow a connection; reads run in SQLite's autocommit mode."""
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._open()
+        try:
+            yield conn
+        finally:
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                else:
+                    self._idle.append(conn)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Borrow a connection inside BEGIN IMMEDIATE: commit, or roll back on error."""
+        with self.connection() as conn:
+            # IMMEDIATE takes the write lock up front, so two writers queue
+            # on busy_timeout instead of failing with "database is locked".
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self):
+        """Close every idle connection, and each borrowed one when it comes back."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+# ---------------------------------------------------------------------------
+# Errors, requests and responses
+# ---------------------------------------------------------------------------
+
+
+def _error_body(error, message, field=None):
+    body = {"error": error, "message": message}
+    if field is not None:
+        body["field"] = field
+    return json.dumps(body)
+
+
+def error(status, error, message, field=None, headers=None):
+    """Build the one JSON error response; handlers raise it."""
+    return bottle.HTTPResponse(
+        _error_body(error, message, field), status, headers, content_type=JSON_TYPE
+    )
+
+
+def _invalid(field, message):
+    return error(400, "invalid_field", message, field)
+
+
+def _missing(field):
+    return error(400, "missing_field", f"The field '{field}' is required.", field)
+
+
+_BOTTLE_ERRORS = {
+    404: ("not_found", "There is no such route."),
+    405: ("method_not_allowed", "This route does not accept that method."),
+    413: ("payload_too_large", "The request body is too large."),
+    500: ("internal_error", "The server failed; the error has been logged."),
+}
+
+
+def _bottle_error_page(err):
+    """Turn an error raised by Bottle itself (routing, a crash) into the JSON shape."""
+    mnemonic, message = _BOTTLE_ERRORS.get(
+        err.status_code, ("invalid_field", "The request is malformed.")
+    )
+    bottle.response.content_type = JSON_TYPE
+    return _error_body(mnemonic, message)
+
+
+def _json_body():
+    """The request body as a JSON object, whatever its Content-Type; empty means {}."""
+    if bottle.request.content_length > MAX_JSON_BYTES:
+        raise error(413, "payload_too_large", f"JSON bodies are limited to {MAX_JSON_BYTES} bytes.")
+    raw = bottle.request.body.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise error(413, "payload_too_large", f"JSON bodies are limited to {MAX_JSON_BYTES} bytes.")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise error(400, "invalid_json", "The body is not valid UTF-8 JSON.") from None
+    if not isinstance(body, dict):
+        raise error(400, "invalid_json", "The body must be a JSON object.")
+    return body
+
+
+def _parse_id(text):
+    """An id from a path or query: ASCII digits, 1 to 2**63-1; else None."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    value = int(text)
+    return value if 1 <= value <= MAX_ID else None
+
+
+def _path_id(text):
+    value = _parse_id(text)
+    if value is None:
+        raise _invalid("id", "The id in the path must be a positive integer.")
+    return value
+
+
+def _query_int(name, default, low, high):
+    """A query parameter that must be an integer within [low, high]."""
+    text = bottle.request.query.get(name)
+    if text is None:
+        return default
+    if text.isascii() and text.isdigit() and len(text) <= 19 and low <= int(text) <= high:
+        return int(text)
+    raise _invalid(name, f"'{name}' must be an integer from {low} to {high}.")
+
+
+def _json_int(body, field, required=True):
+    """An id from a JSON body: an integer (not a bool), 1 to 2**63-1."""
+    value = body.get(field)
+    if value is None:
+        if required:
+            raise _missing(field)
+        return None
+    if type(value) is not int or not 1 <= value <= MAX_ID:
+        raise _invalid(field, f"'{field}' must be a positive integer.")
+    return value
+
+
+def _now():
+    return time.time()
+
+
+def _iso(timestamp):
+    """Unix time as the API's time stamp: ISO 8601, UTC, milliseconds."""
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+# ---------------------------------------------------------------------------
+# Passwords and sessions
+# ---------------------------------------------------------------------------
+
+
+def hash_password(password, iterations=PASSWORD_ITERATIONS, salt=None):
+    """Hash a password with PBKDF2-HMAC-SHA256 and a random salt, parameters included."""
+    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    return f"pbkdf2_sha256${iterations}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password, stored):
+    """Check a password against a stored hash in constant time."""
+    try:
+        scheme, iterations, salt, _ = stored.split("$")
+        iterations, salt = int(iterations), bytes.fromhex(salt)
+    except ValueError:
+        return False
+    if scheme != "pbkdf2_sha256":
+        return False
+    return hmac.compare_digest(hash_password(password, iterations, salt), stored)
+
+
+def _hash_iterations(stored):
+    return int(stored.split("$")[1])
+
+
+def _token_hash(token):
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def _session_cookies():
+    """Every session_id value in the Cookie header, read leniently.
+
+    Bottle's cookie parser drops the whole header when one pair is malformed,
+    and keeps only the last of two cookies with the same name.
+    """
+    header = bottle.request.environ.get("HTTP_COOKIE", "")
+    values = []
+    for pair in header.split(";"):
+        name, _, value = pair.strip().partition("=")
+        value = value.strip().strip('"')
+        if name == SESSION_COOKIE and value.isascii() and 0 < len(value) <= 128:
+            values.append(value)
+    return values[:4]
+
+
+def _session():
+    """The (user id, token hash) of the request's live session, or raise 401."""
+    now = _now()
+    with bottle.request.app.db.connection() as conn:
+        for token in _session_cookies():
+            token_hash = _token_hash(token)
+            row = conn.execute(
+                "SELECT user_id FROM sessions WHERE token_hash = ? AND expires_at > ?",
+                (token_hash, now),
+            ).fetchone()
+            if row:
+                return row["user_id"], token_hash
+    raise error(401, "not_authorized", "Log in first: no valid session cookie came with the request.")
+
+
+def _me():
+    """The id of the logged-in user, or raise 401."""
+    return _session()[0]
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+
+def _has_control(text, allowed=""):
+    return any(unicodedata.category(c) == "Cc" and c not in allowed for c in text)
+
+
+def _string(body, field, required):
+    """A string field: None when absent or null; refuses other types, NUL and lone surrogates."""
+    value = body.get(field)
+    if value is None:
+        if required:
+            raise _missing(field)
+        return None
+    if not isinstance(value, str):
+        raise _invalid(field, f"'{field}' must be a string.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(field, f"'{field}' is not valid Unicode text.") from None
+    if "\0" in value:
+        raise _invalid(field, f"'{field}' must not contain NUL characters.")
+    return value
+
+
+def _is_username_char(c):
+    return c.isalpha() or c.isdecimal() or c in "_."
+
+
+PHONE_CHARS = frozenset("0123456789 +-()")
+
+# field: (shortest, longest, a check of the characters and its complaint)
+USER_FIELDS = {
+    "email": (3, 254, lambda v: (
+        v.count("@") == 1 and not v.startswith("@") and not v.endswith("@")
+        and not any(c.isspace() for c in v)
+    ), "must be an address with one '@' and no spaces"),
+    "username": (1, 32, lambda v: (
+        all(_is_username_char(c) for c in v) and not v.isdecimal()
+    ), "may hold letters, digits, '_' and '.', and not only digits"),
+    "name": (0, 128, None, ""),
+    "status": (0, 256, None, ""),
+    "phone": (0, 32, lambda v: set(v) <= PHONE_CHARS, "may hold digits, spaces, '+', '-', '(' and ')'"),
+}
+
+
+def _user_field(body, field, required):
+    """One profile field checked against USER_FIELDS; None when absent or null."""
+    value = _string(body, field, required)
+    if value is None:
+        return None
+    shortest, longest, check, rule = USER_FIELDS[field]
+    if _has_control(value):
+        raise _invalid(field, f"'{field}' must not contain control characters.")
+    if not shortest <= len(value) <= longest:
+        raise _invalid(field, f"'{field}' must be {shortest} to {longest} characters long.")
+    if check and value and not check(value):
+        raise _invalid(field, f"'{field}' {rule}.")
+    return value
+
+
+def _password(body, required):
+    value = _string(body, "password", required)
+    if value is not None and not 8 <= len(value) <= 1024:
+        raise _invalid("password", "'password' must be 8 to 1024 characters long.")
+    return value
+
+
+def _username_from_email(email):
+    """A username base from an email's local part, as registration makes one."""
+    base = "".join(c for c in email.split("@")[0] if _is_username_char(c))[:28]
+    return base if base and not base.isdecimal() else "user" + base
+
+
+# ---------------------------------------------------------------------------
+# Users
+# ---------------------------------------------------------------------------
+
+ROUTES = []  # (method, path, handler) in the order of the contract; make_app installs them
+
+
+def route(method, path):
+    """Declare a handler for make_app; its docstring describes it on GET /."""
+
+    def declare(handler):
+        ROUTES.append((method, path, handler))
+        return handler
+
+    return declare
+
+
+def _user_json(row):
+    return {key: row[key] for key in ("id", "email", "username", "name", "status", "phone")}
+
+
+def _load_user(conn, user_id):
+    return conn.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()
+
+
+def _taken(conn, email=None, username=None, except_id=0):
+    """Raise email_taken or username_taken if another user has either."""
+    if email is not None and conn.execute(
+        "SELECT 1 FROM users WHERE email_key = ? AND id <> ?", (email.casefold(), except_id)
+    ).fetchone():
+        raise error(400, "email_taken", "A user with this email already exists.", "email")
+    if username is not None and conn.execute(
+        "SELECT 1 FROM users WHERE username_key = ? AND id <> ?", (username.casefold(), except_id)
+    ).fetchone():
+        raise error(400, "username_taken", "This username is already taken.", "username")
+
+
+def _free_username(conn, base):
+    """base, or base with the smallest number from 2 that no one has."""
+    candidate, number = base, 2
+    while conn.execute(
+        "SELECT 1 FROM users WHERE username_key = ?", (candidate.casefold(),)
+    ).fetchone():
+        suffix = str(number)
+        candidate, number = base[: 32 - len(suffix)] + suffix, number + 1
+    return candidate
+
+
+@route("POST", "/sign_up")
+@route("POST", "/users")
+def register():
+    """Register a user: email and password, optionally username, name, status, phone."""
+    body = _json_body()
+    fields = {field: _user_field(body, field, field == "email") for field in USER_FIELDS}
+    password = _password(body, required=True)
+    password_hash = hash_password(password, bottle.request.app.options["password_iterations"])
+    email = fields["email"]
+    with bottle.request.app.db.transaction() as conn:
+        _taken(conn, email=email, username=fields["username"] or None)
+        username = fields["username"] or _free_username(conn, _username_from_email(email))
+        user_id = conn.execute(
+            "INSERT INTO users (email, email_key, username, username_key, name, status, phone,"
+            " password_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (email, email.casefold(), username, username.casefold(), fields["name"] or "",
+             fields["status"] or "", fields["phone"] or "", password_hash, _iso(_now())),
+        ).lastrowid
+        return _user_json(_load_user(conn, user_id))
+
+
+def _login_retry_after(conn, email_key, now):
+    """Seconds until this email may try again, or 0 when it is not throttled."""
+    failures = conn.execute(
+        "SELECT failed_at FROM login_failures WHERE email_key = ? AND failed_at > ?"
+        " ORDER BY failed_at",
+        (email_key, now - LOGIN_FAILURE_WINDOW),
+    ).fetchall()
+    if len(failures) < LOGIN_FAILURE_LIMIT:
+        return 0
+    return max(1, math.ceil(failures[-LOGIN_FAILURE_LIMIT][0] + LOGIN_FAILURE_WINDOW - now))
+
+
+@route("POST", "/login")
+def login():
+    """Log in with email and password: the user, and the session cookie."""
+    body = _json_body()
+    email = _string(body, "email", required=True)
+    password = _string(body, "password", required=True)
+    app, email_key, now = bottle.request.app, email.casefold(), _now()
+    iterations = app.options["password_iterations"]
+    with app.db.connection() as conn:
+        retry_after = _login_retry_after(conn, email_key, now)
+        user = conn.execute("SELECT * FROM users WHERE email_key = ?", (email_key,)).fetchone()
+    if retry_after:
+        raise error(429, "too_many_attempts", "Too many failed logins for this email; try again later.",
+                    headers={"Retry-After": str(retry_after)})
+    if user is None:
+        hash_password(password, iterations)  # so an unknown email costs what a wrong password does
+    if user is None or not verify_password(password, user["password_hash"]):
+        with app.db.transaction() as conn:
+            conn.execute("DELETE FROM login_failures WHERE failed_at <= ?", (now - LOGIN_FAILURE_WINDOW,))
+            conn.execute("INSERT INTO login_failures (email_key, failed_at) VALUES (?, ?)", (email_key, now))
+        raise error(400, "wrong_credentials", "The email or the password is wrong.")
+    rehash = _hash_iterations(user["password_hash"]) < iterations
+    new_hash = hash_password(password, iterations) if rehash else user["password_hash"]
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    lifetime = app.options["session_days"] * 86400
+    with app.db.transaction() as conn:
+        conn.execute("DELETE FROM login_failures WHERE email_key = ?", (email_key,))
+        conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+        conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (new_hash, user["id"]))
+        conn.execute(
+            "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES (?, ?, ?)",
+            (_token_hash(token), user["id"], now + lifetime),
+        )
+    bottle.response.set_cookie(
+        SESSION_COOKIE, token, max_age=lifetime, path="/", httponly=True, samesite="lax",
+        secure=app.options["secure_cookies"],
+    )
+    return _user_json(user)
+
+
+@route("DELETE", "/logout")
+def logout():
+    """End this session: the cookie is expired and its token no longer works."""
+    _, token_hash = _session()
+    with bottle.request.app.db.transaction() as conn:
+        conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+    bottle.response.delete_cookie(
+        SESSION_COOKIE, path="/", httponly=True, samesite="lax",
+        secure=bottle.request.app.options["secure_cookies"],
+    )
+    return {}
+
+
+@route("GET", "/users")
+def current_user():
+    """The logged-in user."""
+    me = _me()
+    with bottle.request.app.db.connection() as conn:
+        return _user_json(_load_user(conn, me))
+
+
+def _search_users(query):
+    limit = _query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    offset = _query_int("offset", 0, 0, MAX_ID)
+    if len(query) > MAX_SEARCH_CHARS:
+        raise _invalid("query", f"A search is at most {MAX_SEARCH_CHARS} characters long.")
+    if _has_control(query):
+        raise _invalid("query", "A search must not contain control characters.")
+    key = query.casefold()
+    with bottle.request.app.db.connection() as conn:
+        # instr() takes % _ \ literally, where LIKE would treat them as wildcards.
+        rows = conn.execute(
+            "SELECT * FROM users WHERE instr(username_key, ?) > 0"
+            " ORDER BY username_key <> ?, substr(username_key, 1, ?) <> ?, username_key"
+            " LIMIT ? OFFSET ?",
+            (key, key, len(key), key, limit, offset),
+        ).fetchall()
+    return {"users": [_user_json(row) for row in rows]}
+
+
+@route("GET", "/users/<user>")
+def get_user(user):
+    """A user by id (digits), or {"users": [...]} whose username contains the text."""
+    _me()
+    if not user.isdecimal():
+        return _search_users(user)
+    user_id = _path_id(user)
+    with bottle.request.app.db.connection() as conn:
+        row = _load_user(conn, user_id)
+    if row is None:
+        raise error(400, "user_not_found", "There is no user with this id.")
+    return _user_json(row)
+
+
+@route("PUT", "/users/<user>")
+def edit_user(user):
+    """Replace the caller's profile: all of email, username, name, status, phone; password optional."""
+    me, token_hash = _session()
+    user_id = _path_id(user)
+    app = bottle.request.app
+    if user_id != me:
+        with app.db.connection() as conn:
+            exists = _load_user(conn, user_id) is not None
+        if exists:
+            raise error(403, "forbidden", "You may only edit your own profile.")
+        raise error(400, "user_not_found", "There is no user with this id.")
+    body = _json_body()
+    for field in USER_FIELDS:
+        if field not in body:
+            raise _missing(field)
+    if "id" in body and (type(body["id"]) is not int or body["id"] != user_id):
+        raise _invalid("id", "'id' must equal the id in the path.")
+    fields = {field: _user_field(body, field, field in ("email", "username")) or ""
+              for field in USER_FIELDS}
+    password = _password(body, required=False)
+    password_hash = hash_password(password, app.options["password_iterations"]) if password else None
+    with app.db.transaction() as conn:
+        _taken(conn, fields["email"], fields["username"], except_id=me)
+        conn.execute(
+            "UPDATE users SET email = ?, email_key = ?, username = ?, username_key = ?,"
+            " name = ?, status = ?, phone = ? WHERE id = ?",
+            (fields["email"], fields["email"].casefold(), fields["username"],
+             fields["username"].casefold(), fields["name"], fields["status"], fields["phone"], me),
+        )
+        if password_hash:
+            conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, me))
+            conn.execute("DELETE FROM sessions WHERE user_id = ? AND token_hash <> ?", (me, token_hash))
+        return _user_json(_load_user(conn, me))
+
+
+# ---------------------------------------------------------------------------
+# Avatars
+# ---------------------------------------------------------------------------
+
+IMAGE_SIGNATURES = [
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+]
+PHOTO_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; sandbox",
+    "Cache-Control": "no-cache",  # revalidate with the ETag: avatars change
+}
+
+
+def _image_type(data):
+    """The MIME type of PNG, JPEG, GIF or WebP bytes, recognised by their start; else None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in IMAGE_SIGNATURES if data.startswith(magic)), None)
+
+
+def _uploaded_file():
+    """The first file part of a multipart body, or None."""
+    try:
+        return next(iter(bottle.request.files.values()), None)
+    except (bottle.HTTPError, ValueError, IndexError, KeyError):  # a malformed body
+        return None
+
+
+@route("POST", "/photos")
+def upload_photo():
+    """Upload the caller's avatar: multipart/form-data with one PNG, JPEG, GIF or WebP file."""
+    me = _me()
+    limit = bottle.request.app.options["max_photo_bytes"]
+    too_large = error(413, "payload_too_large", f"An avatar is limited to {limit} bytes.")
+    if bottle.request.content_length > limit + MULTIPART_OVERHEAD:
+        raise too_large
+    upload = _uploaded_file()
+    if upload is None:
+        raise error(400, "missing_field", "Send the image as a file part of multipart/form-data.", "photo")
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise too_large
+    content_type = _image_type(data)
+    if content_type is None:
+        raise error(400, "invalid_image", "The file is not a PNG, JPEG, GIF or WebP image.", "photo")
+    etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+    with bottle.request.app.db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO photos (user_id, content_type, etag, data) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (user_id) DO UPDATE SET content_type = excluded.content_type,"
+            " etag = excluded.etag, data = excluded.data",
+            (me, content_type, etag, data),
+        )
+    return {"url": f"/photos/{me}"}
+
+
+@route("DELETE", "/photos")
+def delete_photo():
+    """Delete the caller's avatar; the generated default takes its place."""
+    me = _me()
+    with bottle.request.app.db.transaction() as conn:
+        conn.execute("DELETE FROM photos WHERE user_id = ?", (me,))
+    return {}
+
+
+def default_avatar(user):
+    """An SVG avatar: the user's initials on a colour derived from the id."""
+    words = user["name"].split()
+    initials = "".join(word[0] for word in words[:2]) or user["username"][:1]
+    hue = user["id"] * 137 % 360
+    return (
+        '<svg xmlns="http://www.w3.org/2000/svg" width="128" height="128" viewBox="0 0 128 128">'
+        f'<rect width="128" height="128" fill="hsl({hue}, 55%, 45%)"/>'
+        '<text x="64" y="64" dy=".35em" text-anchor="middle" fill="#fff" '
+        'font-family="sans-serif" font-size="52">'
+        f"{html.escape(initials.upper())}</text></svg>"
+    ).encode("utf-8")
+
+
+def _etag_matches(etag):
+    header = bottle.request.environ.get("HTTP_IF_NONE_MATCH", "")
+    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return etag in tags or "*" in tags
+
+
+@route("GET", "/photos/<user>")
+def get_photo(user):
+    """A user's avatar image: the upload, or a generated SVG; ETag and 304 supported."""
+    _me()
+    user_id = _path_id(user)
+    with bottle.request.app.db.connection() as conn:
+        row = _load_user(conn, user_id)
+        photo = conn.execute("SELECT * FROM photos WHERE user_id = ?", (user_id,)).fetchone()
+    if row is None:
+        raise error(400, "user_not_found", "There is no user with this id.")
+    if photo:
+        data, content_type, etag = photo["data"], photo["content_type"], photo["etag"]
+    else:
+        data, content_type = default_avatar(row), "image/svg+xml"
+        etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+    headers = dict(PHOTO_HEADERS, ETag=etag)
+    if _etag_matches(etag):
+        return bottle.HTTPResponse(status=304, headers=headers)
+    return bottle.HTTPResponse(data, 200, headers, content_type=content_type)
+
+
+# ---------------------------------------------------------------------------
+# Chats and messages
+# ---------------------------------------------------------------------------
+
+CHAT_QUERY = """
+    SELECT c.id, c.user_low, c.user_high, c.created_at,
+           other.name AS other_name, other.username AS other_username,
+           last.id AS last_id, last.chat_id AS last_chat_id, last.author_id AS last_author_id,
+           last.text AS last_text, last.created_at AS last_created_at,
+           (SELECT COUNT(*) FROM messages
+             WHERE chat_id = c.id AND id > m.last_read_id AND author_id <> m.user_id) AS unread_count
+      FROM chat_members AS m
+      JOIN chats AS c ON c.id = m.chat_id
+      JOIN users AS other ON other.id = CASE WHEN c.user_low = m.user_id
+                                             THEN c.user_high ELSE c.user_low END
+      LEFT JOIN messages AS last ON last.id = c.last_message_id
+"""
+
+
+def _message_json(row, prefix=""):
+    fields = ("id", "chat_id", "author_id", "text", "created_at")
+    return {field: row[prefix + field] for field in fields}
+
+
+def _chat_json(row):
+    return {
+        "id": row["id"],
+        "name": row["other_name"] or row["other_username"],
+        "members": [row["user_low"], row["user_high"]],
+        "last_message": _message_json(row, "last_") if row["last_id"] else None,
+        "unread_count": row["unread_count"],
+        "created_at": row["created_at"],
+    }
+
+
+def _load_chat(conn, me, chat_id):
+    """The chat as `me` sees it, or raise chat_not_found (also when `me` is not a member)."""
+    row = conn.execute(CHAT_QUERY + " WHERE m.user_id = ? AND m.chat_id = ?", (me, chat_id)).fetchone()
+    if row is None:
+        raise error(400, "chat_not_found", "There is no chat with this id.")
+    return _chat_json(row)
+
+
+@route("POST", "/chats")
+def create_chat():
+    """Open the dialog with another user, or return the one that exists."""
+    me = _me()
+    other = _json_int(_json_body(), "user_id")
+    if other == me:
+        raise _invalid("user_id", "A dialog needs another user than yourself.")
+    low, high = sorted((me, other))
+    with bottle.request.app.db.transaction() as conn:
+        if _load_user(conn, other) is None:
+            raise error(400, "user_not_found", "There is no user with this id.", "user_id")
+        now = _iso(_now())
+        created = conn.execute(
+            "INSERT INTO chats (user_low, user_high, created_at, activity_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (user_low, user_high) DO NOTHING",
+            (low, high, now, now),
+        ).rowcount
+        chat_id = conn.execute(
+            "SELECT id FROM chats WHERE user_low = ? AND user_high = ?", (low, high)
+        ).fetchone()["id"]
+        if created:
+            conn.executemany(
+                "INSERT INTO chat_members (user_id, chat_id) VALUES (?, ?)",
+                [(low, chat_id), (high, chat_id)],
+            )
+        return _load_chat(conn, me, chat_id)
+
+
+@route("GET", "/chats")
+def list_chats():
+    """The caller's chats, most recent activity first."""
+    me = _me()
+    with bottle.request.app.db.connection() as conn:
+        rows = conn.execute(
+            CHAT_QUERY + " WHERE m.user_id = ? ORDER BY c.activity_at DESC, c.id DESC", (me,)
+        ).fetchall()
+    return {"chats": [_chat_json(row) for row in rows]}
+
+
+@route("GET", "/chats/<chat>")
+def get_chat(chat):
+    """One of the caller's chats."""
+    me = _me()
+    chat_id = _path_id(chat)
+    with bottle.request.app.db.connection() as conn:
+        return _load_chat(conn, me, chat_id)
+
+
+def _message_text(body):
+    text = _string(body, "text", required=True)
+    if _has_control(text, allowed="\n\r\t"):
+        raise _invalid("text", "'text' must not contain control characters other than tab and newlines.")
+    if not 1 <= len(text) <= MAX_MESSAGE_CHARS:
+        raise _invalid("text", f"'text' must be 1 to {MAX_MESSAGE_CHARS} characters long.")
+    if text.isspace():
+        raise _invalid("text", "'text' must not be only white space.")
+    return text
+
+
+@route("POST", "/chats/<chat>/messages")
+def send_message(chat):
+    """Send a message to one of the caller's chats."""
+    me = _me()
+    chat_id = _path_id(chat)
+    text = _message_text(_json_body())
+    with bottle.request.app.db.transaction() as conn:
+        _load_chat(conn, me, chat_id)
+        now = _iso(_now())
+        message_id = conn.execute(
+            "INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
+            (chat_id, me, text, now),
+        ).lastrowid
+        conn.execute(
+            "UPDATE chats SET last_message_id = ?, activity_at = ? WHERE id = ?",
+            (message_id, now, chat_id),
+        )
+        conn.execute(
+            "UPDATE chat_members SET last_read_id = ? WHERE user_id = ? AND chat_id = ?",
+            (message_id, me, chat_id),
+        )
+    return {"id": message_id, "chat_id": chat_id, "author_id": me, "text": text, "created_at": now}
+
+
+@route("GET", "/chats/<chat>/messages")
+def list_messages(chat):
+    """A page of a chat's messages, oldest first: the newest, or ?before= / ?after= a message id."""
+    me = _me()
+    chat_id = _path_id(chat)
+    limit = _query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    before = _query_int("before", None, 1, MAX_ID)
+    after = _query_int("after", None, 0, MAX_ID)
+    if before is not None and after is not None:
+        raise _invalid("before", "Give at most one of 'before' and 'after'.")
+    with bottle.request.app.db.connection() as conn:
+        _load_chat(conn, me, chat_id)
+        if after is not None:
+            rows = conn.execute(
+                "SELECT * FROM messages WHERE chat_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (chat_id, after, limit + 1),
+            ).fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT * FROM messages WHERE chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                (chat_id, MAX_ID if before is None else before, limit + 1),
+            ).fetchall()
+    page = rows[:limit] if after is not None else rows[:limit][::-1]
+    return {"messages": [_message_json(row) for row in page], "has_more": len(rows) > limit}
+
+
+@route("POST", "/chats/<chat>/read")
+def mark_read(chat):
+    """Move the caller's read mark forward, to a message or to the newest; the unread count."""
+    me = _me()
+    chat_id = _path_id(chat)
+    message_id = _json_int(_json_body(), "message_id", required=False)
+    with bottle.request.app.db.transaction() as conn:
+        _load_chat(conn, me, chat_id)
+        if message_id is None:
+            message_id = conn.execute(
+                "SELECT last_message_id FROM chats WHERE id = ?", (chat_id,)
+            ).fetchone()[0] or 0
+        elif not conn.execute(
+            "SELECT 1 FROM messages WHERE id = ? AND chat_id = ?", (message_id, chat_id)
+        ).fetchone():
+            raise _invalid("message_id", "'message_id' is not a message of this chat.")
+        conn.execute(
+            "UPDATE chat_members SET last_read_id = max(last_read_id, ?)"
+            " WHERE user_id = ? AND chat_id = ?",
+            (message_id, me, chat_id),
+        )
+        return {"unread_count": _load_chat(conn, me, chat_id)["unread_count"]}
+
+
+# ---------------------------------------------------------------------------
+# The application
+# ---------------------------------------------------------------------------
+
+
+def _prefers_json():
+    """Whether the Accept header ranks application/json above text/html."""
+    quality = {}
+    for item in bottle.request.environ.get("HTTP_ACCEPT", "").split(","):
+        media, *params = [part.strip() for part in item.split(";")]
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        quality[media.lower()] = max(q, quality.get(media.lower(), 0.0))
+    return quality.get("application/json", 0.0) > quality.get("text/html", 0.0)
+
+
+@route("GET", "/")
+def index():
+    """This page: the name, version and every route (JSON when Accept asks for it)."""
+    routes = [
+        {"method": r.method, "path": r.rule, "description": (r.callback.__doc__ or "").strip()}
+        for r in bottle.request.app.routes
+    ]
+    if _prefers_json():
+        return {"name": "messenger", "version": __version__, "routes": routes}
+    rows = "\n".join(
+        f"<tr><td>{r['method']}</td><td><code>{html.escape(r['path'])}</code></td>"
+        f"<td>{html.escape(r['description'])}</td></tr>"
+        for r in routes
+    )
+    bottle.response.content_type = "text/html; charset=utf-8"
+    return (
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>messenger</title></head>"
+        f"<body><h1>messenger {__version__}</h1>"
+        "<p>A messenger backend: a JSON API. Log in with <code>POST /login</code>.</p>"
+        f"<table>{rows}</table></body></html>"
+    )
+
+
+
+def make_app(
+    db=DEFAULT_DB,
+    *,
+    threads=DEFAULT_THREADS,
+    secure_cookies=False,
+    quiet=False,
+    password_iterations=PASSWORD_ITERATIONS,
+    session_days=SESSION_DAYS,
+    max_photo_bytes=MAX_PHOTO_BYTES,
+):
+    """Build a new messenger WSGI application on the SQLite database `db`."""
+    app = bottle.Bottle()
+    app.db = Database(db)
+    app.options = {
+        "threads": threads,
+        "secure_cookies": secure_cookies,
+        "quiet": quiet,
+        "password_iterations": password_iterations,
+        "session_days": session_days,
+        "max_photo_bytes": max_photo_bytes,
+    }
+    app.default_error_handler = _bottle_error_page
+    for method, path, handler in ROUTES:
+        app.route(path, method, handler)
+    return app
+    return app
+
+
+# ---------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------
+
+
+def _with_access_log(app):
+    """Wrap a WSGI app to log one line per request: method, path, status, milliseconds."""
+
+    def logged(environ, start_response):
+        started = time.perf_counter()
+
+        def start(status, headers, exc_info=None):
+            path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
+            log.info("%s %s %s %.1f ms", environ["REQUEST_METHOD"], ascii(path)[1:-1],
+                     status.split()[0], (time.perf_counter() - started) * 1000)
+            return start_response(status, headers, exc_info)
+
+        return app(environ, start)
+
+    return logged
+
+
+def _create_server(app, host, port):
+    """A waitress server for `app`, bound and listening, not yet serving."""
+    address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+    wsgi = app if app.options["quiet"] else _with_access_log(app)
+    return waitress.server.create_server(
+        wsgi,
+        host=address,
+        port=port,
+        threads=app.options["threads"],
+        max_request_body_size=app.options["max_photo_bytes"] + MULTIPART_OVERHEAD + BODY_LIMIT_SLACK,
+        max_request_header_size=MAX_HEADER_BYTES,
+        connection_limit=CONNECTION_LIMIT,
+        channel_timeout=CHANNEL_TIMEOUT,
+        asyncore_use_poll=True,  # select() fails past 1024 open sockets
+        ident="messenger",
+    )
+
+
+def _run_server(server, stopping):
+    """Serve until `stopping` is set; then close every socket and stop the worker threads."""
+    while not stopping.is_set():
+        waitress.wasyncore.loop(timeout=1.0, use_poll=True, map=server._map, count=1)
+    # waitress has no public shutdown: closing the listening socket and every
+    # open connection here, on the thread that owns them, is what works.
+    server.close()
+    for channel in list(server._map.values()):
+        channel.handle_close()
+    server.task_dispatcher.shutdown()
+
+
+def _url(host, port):
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class Server:
+    """A messenger server on a background thread; a context manager that stops it.
+
+    Server(db=":memory:", port=0, **options) builds its own app with
+    make_app(db, **options); Server(app) serves an app made elsewhere.
+    """
+
+    def __init__(self, app=None, *, db=":memory:", host=DEFAULT_HOST, port=0, **options):
+        self.app = make_app(db, **options) if app is None else app
+        self._owns_app = app is None
+        try:
+            self._server = _create_server(self.app, host, port)
+        except BaseException:
+            self._close_app()
+            raise
+        self.host, self.port = host, self._server.effective_port
+        self.url = _url(host, self.port)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=_run_server, args=(self._server, self._stopping), name=f"messenger:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _close_app(self):
+        if self._owns_app:
+            self.app.db.close()
+
+    def stop(self):
+        """Close every socket, wait for the threads, and close the database if it is ours."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._server.pull_trigger()
+        self._thread.join()
+        self._close_app()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+def serve(app, host=DEFAULT_HOST, port=DEFAULT_PORT):
+    """Serve `app` with waitress until SIGTERM or Ctrl-C."""
+    server = _create_server(app, host, port)
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        stopping.set()
+        server.pull_trigger()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"messenger {__version__} serving {_url(host, server.effective_port)}/"
+          f" with database {app.db.path}", flush=True)
+    _run_server(server, stopping)
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="messenger", description="A messenger backend: a JSON API over HTTP on SQLite."
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port to listen on; 0 picks a free one (default %(default)s)")
+    parser.add_argument("--db", default=DEFAULT_DB,
+                        help="SQLite file, created on first start; ':memory:' for a throwaway one"
+                             " (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="worker threads; a waiting long poll holds one (default %(default)s)")
+    parser.add_argument("--secure-cookies", action="store_true",
+                        help="mark the session cookie Secure (when served behind HTTPS)")
+    parser.add_argument("--quiet", action="store_true", help="no access log")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be from 0 to 65535")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+def main(argv=None):
+    """The command line: parse the flags, open the database, serve."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        app = make_app(args.db, threads=args.threads, secure_cookies=args.secure_cookies,
+                       quiet=args.quiet)
+    except (sqlite3.Error, OSError) as exc:
+        print(f"messenger: cannot open the database {args.db!r}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        serve(app, args.host, args.port)
+    except OSError as exc:
+        print(f"messenger: cannot listen on {args.host} port {args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    finally:
+        app.db.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

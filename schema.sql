@@ -1,0 +1,82 @@
+-- The messenger database, schema version 1.
+--
+-- messenger.py runs this file once, on a database whose user_version is 0,
+-- inside one transaction. Every statement may run twice (two processes
+-- starting on one new file), hence IF NOT EXISTS. Later versions add
+-- migrations in messenger.py and raise user_version.
+
+CREATE TABLE IF NOT EXISTS users (
+    id            INTEGER PRIMARY KEY,
+    email         TEXT NOT NULL,
+    email_key     TEXT NOT NULL UNIQUE,     -- casefolded email
+    username      TEXT NOT NULL,
+    username_key  TEXT NOT NULL UNIQUE,     -- casefolded username
+    name          TEXT NOT NULL DEFAULT '',
+    status        TEXT NOT NULL DEFAULT '',
+    phone         TEXT NOT NULL DEFAULT '',
+    password_hash TEXT NOT NULL,            -- pbkdf2_sha256$iterations$salt$hash
+    created_at    TEXT NOT NULL
+);
+
+-- A session is known by the SHA-256 of its token; the token itself is
+-- only ever in the client's cookie.
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash TEXT PRIMARY KEY,
+    user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    expires_at REAL NOT NULL                -- Unix time
+);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id);
+
+CREATE TABLE IF NOT EXISTS login_failures (
+    email_key TEXT NOT NULL,
+    failed_at REAL NOT NULL                 -- Unix time
+);
+CREATE INDEX IF NOT EXISTS login_failures_by_email ON login_failures (email_key, failed_at);
+
+CREATE TABLE IF NOT EXISTS photos (
+    user_id      INTEGER PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+    content_type TEXT NOT NULL,
+    etag         TEXT NOT NULL,
+    data         BLOB NOT NULL
+);
+
+-- A chat is a dialog of two users, stored once for the pair.
+CREATE TABLE IF NOT EXISTS chats (
+    id              INTEGER PRIMARY KEY,
+    user_low        INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    user_high       INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at      TEXT NOT NULL,
+    last_message_id INTEGER REFERENCES messages (id),
+    activity_at     TEXT NOT NULL,          -- last message, else creation
+    UNIQUE (user_low, user_high),
+    CHECK (user_low < user_high)
+);
+
+CREATE TABLE IF NOT EXISTS chat_members (
+    user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    chat_id      INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    last_read_id INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (user_id, chat_id)
+) WITHOUT ROWID;
+
+-- AUTOINCREMENT: ids never come back, so they grow with time.
+CREATE TABLE IF NOT EXISTS messages (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    chat_id    INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    author_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    text       TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, id);
+
+-- One row per event per recipient, for GET /updates.
+CREATE TABLE IF NOT EXISTS updates (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at REAL NOT NULL,               -- Unix time, for pruning
+    payload    TEXT NOT NULL                -- the event as JSON, without update_id
+);
+CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id);
+CREATE INDEX IF NOT EXISTS updates_by_age ON updates (created_at);
+
+PRAGMA user_version = 1;
