@@ -199,17 +199,17 @@ class Database:
 # ---------------------------------------------------------------------------
 
 
-def _error_body(error, message, field=None):
-    body = {"error": error, "message": message}
+def _error_body(mnemonic, message, field=None):
+    body = {"error": mnemonic, "message": message}
     if field is not None:
         body["field"] = field
     return json.dumps(body)
 
 
-def error(status, error, message, field=None, headers=None):
+def error(status, mnemonic, message, field=None, headers=None):
     """Build the one JSON error response; handlers raise it."""
     return bottle.HTTPResponse(
-        _error_body(error, message, field), status, headers, content_type=JSON_TYPE
+        _error_body(mnemonic, message, field), status, headers, content_type=JSON_TYPE
     )
 
 
@@ -824,9 +824,10 @@ def create_chat():
             raise error(400, "user_not_found", "There is no user with this id.", "user_id")
         now = _iso(_now())
         created = conn.execute(
-            "INSERT INTO chats (user_low, user_high, created_at, activity_at) VALUES (?, ?, ?, ?)"
+            "INSERT INTO chats (user_low, user_high, created_at, activity)"
+            " VALUES (?, ?, ?, (SELECT coalesce(max(activity), 0) + 1 FROM chats))"
             " ON CONFLICT (user_low, user_high) DO NOTHING",
-            (low, high, now, now),
+            (low, high, now),
         ).rowcount
         chat_id = conn.execute(
             "SELECT id FROM chats WHERE user_low = ? AND user_high = ?", (low, high)
@@ -845,7 +846,7 @@ def list_chats():
     me = _me()
     with bottle.request.app.db.connection() as conn:
         rows = conn.execute(
-            CHAT_QUERY + " WHERE m.user_id = ? ORDER BY c.activity_at DESC, c.id DESC", (me,)
+            CHAT_QUERY + " WHERE m.user_id = ? ORDER BY c.activity DESC", (me,)
         ).fetchall()
     return {"chats": [_chat_json(row) for row in rows]}
 
@@ -884,8 +885,9 @@ def send_message(chat):
             (chat_id, me, text, now),
         ).lastrowid
         conn.execute(
-            "UPDATE chats SET last_message_id = ?, activity_at = ? WHERE id = ?",
-            (message_id, now, chat_id),
+            "UPDATE chats SET last_message_id = ?,"
+            " activity = (SELECT max(activity) + 1 FROM chats) WHERE id = ?",
+            (message_id, chat_id),
         )
         conn.execute(
             "UPDATE chat_members SET last_read_id = ? WHERE user_id = ? AND chat_id = ?",

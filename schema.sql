@@ -47,10 +47,11 @@ CREATE TABLE IF NOT EXISTS chats (
     user_high       INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     created_at      TEXT NOT NULL,
     last_message_id INTEGER REFERENCES messages (id),
-    activity_at     TEXT NOT NULL,          -- last message, else creation
+    activity        INTEGER NOT NULL,       -- sequence number of its latest message or creation
     UNIQUE (user_low, user_high),
     CHECK (user_low < user_high)
 );
+CREATE INDEX IF NOT EXISTS chats_by_activity ON chats (activity);
 
 CREATE TABLE IF NOT EXISTS chat_members (
     user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,

@@ -1,0 +1,1071 @@
+"""Tests for messenger, in the order of the API contract (README.md)."""
+
+import hashlib
+import itertools
+import json
+import re
+import sqlite3
+import threading
+import http.client
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+import webtest
+
+import messenger
+
+ITERATIONS = 1000  # the tests lower the password cost through make_app
+PASSWORD = "correct horse"
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
+JPEG = b"\xff\xd8\xff\xe0" + b"\0" * 32
+GIF = b"GIF89a" + b"\0" * 32
+WEBP = b"RIFF\x24\0\0\0WEBPVP8 " + b"\0" * 32
+
+
+@pytest.fixture
+def app(tmp_path):
+    app = messenger.make_app(str(tmp_path / "test.db"), password_iterations=ITERATIONS)
+    yield app
+    app.db.close()
+
+
+@pytest.fixture
+def api(app):
+    return webtest.TestApp(app)
+
+
+@pytest.fixture
+def login(app):
+    """Register a user and return a client logged in as them, with .user set."""
+    emails = (f"user{n}@example.com" for n in itertools.count(1))
+
+    def login(email=None, password=PASSWORD, **fields):
+        client = webtest.TestApp(app)
+        body = dict(fields, email=email or next(emails), password=password)
+        client.user = client.post_json("/users", body).json
+        client.post_json("/login", {"email": body["email"], "password": password})
+        return client
+
+    return login
+
+
+@pytest.fixture
+def ann(login):
+    return login("ann@example.com", name="Ann Lee", username="ann")
+
+
+@pytest.fixture
+def bob(login):
+    return login("bob@example.com", username="bob")
+
+
+@pytest.fixture
+def chat(ann, bob):
+    return ann.post_json("/chats", {"user_id": bob.user["id"]}).json
+
+
+def user_json(user_id, email, username, name="", status="", phone=""):
+    return {"id": user_id, "email": email, "username": username, "name": name,
+            "status": status, "phone": phone}
+
+
+def send(client, chat_id, text):
+    return client.post_json(f"/chats/{chat_id}/messages", {"text": text}).json
+
+
+def error(response):
+    return response.json["error"], response.json.get("field")
+
+
+def query(app, sql, *params):
+    conn = sqlite3.connect(app.db.path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------
+# 1. Conventions
+# ---------------------------------------------------------------------------
+
+
+def test_unknown_route_is_json_404(api):
+    response = api.get("/nowhere", status=404)
+    assert response.content_type == "application/json"
+    assert response.json == {"error": "not_found", "message": "There is no such route."}
+
+
+def test_wrong_method_is_405_with_allow(api):
+    response = api.delete("/chats", status=405)
+    assert error(response) == ("method_not_allowed", None)
+    assert set(response.headers["Allow"].split(",")) == {"GET", "POST"}
+
+
+def test_routing_errors_come_before_session_check(api):
+    assert error(api.patch("/users", status=405)) == ("method_not_allowed", None)
+
+
+def test_crash_is_json_500_without_traceback(app, api):
+    app.route("/crash", callback=lambda: 1 / 0)
+    response = api.get("/crash", status=500, expect_errors=True)
+    assert response.json == {"error": "internal_error",
+                             "message": "The server failed; the error has been logged."}
+    assert "Traceback" not in response.text
+
+
+def test_body_is_json_whatever_its_content_type(api):
+    body = json.dumps({"email": "ann@example.com", "password": PASSWORD})
+    response = api.post("/users", body, content_type="text/plain")
+    assert response.json["email"] == "ann@example.com"
+
+
+def test_empty_body_counts_as_empty_object(ann, chat):
+    assert ann.post(f"/chats/{chat['id']}/read", "").json == {"unread_count": 0}
+
+
+def test_unknown_keys_are_ignored(api):
+    body = {"email": "ann@example.com", "password": PASSWORD, "admin": True}
+    assert "admin" not in api.post_json("/users", body).json
+
+
+@pytest.mark.parametrize("body", [
+    b"{",
+    b"[1, 2]",
+    b'"text"',
+    b"null",
+    b"42",
+    b"\xff\xfe{}",
+    b'{"email": "\xff"}',
+    b"[" * 50_000 + b"]" * 50_000,
+    b'{"a": ' * 14_000 + b"1" + b"}" * 14_000,
+    b'{"n": 1' + b"0" * 5000 + b"}",
+], ids=["truncated", "array", "string", "null", "number", "bad-utf8", "bad-utf8-in-string",
+        "deep-array", "deep-object", "huge-number"])
+def test_invalid_json_is_400(api, body):
+    response = api.post("/login", body, status=400)
+    assert error(response) == ("invalid_json", None)
+
+
+def test_json_body_over_100_kib_is_413(api):
+    body = json.dumps({"email": "a@b.c", "password": "x" * 110_000})
+    assert error(api.post("/users", body, status=413)) == ("payload_too_large", None)
+
+
+@pytest.mark.parametrize("path", ["/chats/{}", "/chats/{}/messages", "/photos/{}", "/users/{}"])
+@pytest.mark.parametrize("bad_id", ["0", str(2**63), "99999999999999999999"])
+def test_path_id_out_of_range_is_invalid_field(ann, path, bad_id):
+    assert error(ann.get(path.format(bad_id), status=400)) == ("invalid_field", "id")
+
+
+@pytest.mark.parametrize("path", ["/chats/{}", "/chats/{}/messages", "/photos/{}"])
+@pytest.mark.parametrize("bad_id", ["-1", "abc", "１２", "1.5"])
+def test_path_id_not_digits_is_invalid_field(ann, path, bad_id):
+    url = path.format(urllib.parse.quote(bad_id))
+    assert error(ann.get(url, status=400)) == ("invalid_field", "id")
+
+
+@pytest.mark.parametrize("path", ["/users", "/users/1", "/users/ann", "/photos/1", "/chats",
+                                  "/chats/1", "/chats/1/messages"])
+def test_routes_need_a_session(api, path):
+    assert error(api.get(path, status=401)) == ("not_authorized", None)
+
+
+@pytest.mark.parametrize("method, path", [("DELETE", "/logout"), ("PUT", "/users/1"),
+                                          ("POST", "/photos"), ("DELETE", "/photos"),
+                                          ("POST", "/chats"), ("POST", "/chats/1/messages"),
+                                          ("POST", "/chats/1/read")])
+def test_writes_need_a_session(api, method, path):
+    response = api.request(path, method=method, body=b"{}", status=401)
+    assert error(response) == ("not_authorized", None)
+
+
+def test_time_stamps_are_iso_utc_with_milliseconds(ann, chat):
+    message = send(ann, chat["id"], "hello")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", message["created_at"])
+
+
+# ---------------------------------------------------------------------------
+# 2. Sessions
+# ---------------------------------------------------------------------------
+
+
+def login_cookie(client, email, password=PASSWORD):
+    response = client.post_json("/login", {"email": email, "password": password})
+    return response.headers["Set-Cookie"]
+
+
+def test_login_sets_session_cookie(api, ann):
+    cookie = login_cookie(api, "ann@example.com")
+    assert re.match(r"session_id=[A-Za-z0-9_-]{43};", cookie)
+    flags = {flag.strip().lower() for flag in cookie.split(";")[1:]}
+    assert flags == {"httponly", "max-age=2592000", "path=/", "samesite=lax"}
+
+
+def test_login_cookie_is_secure_with_secure_cookies(tmp_path):
+    app = messenger.make_app(str(tmp_path / "s.db"), password_iterations=ITERATIONS,
+                             secure_cookies=True)
+    api = webtest.TestApp(app)
+    api.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    assert "secure" in login_cookie(api, "ann@example.com").lower()
+    app.db.close()
+
+
+def test_session_stores_only_token_digest(app, api, ann):
+    token = login_cookie(api, "ann@example.com").split(";")[0].split("=", 1)[1]
+    stored = [row[0] for row in query(app, "SELECT token_hash FROM sessions")]
+    assert hashlib.sha256(token.encode()).hexdigest() in stored
+    assert token not in stored
+
+
+def test_session_lifetime_is_configurable(tmp_path):
+    app = messenger.make_app(str(tmp_path / "s.db"), password_iterations=ITERATIONS,
+                             session_days=2)
+    api = webtest.TestApp(app)
+    api.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    assert "Max-Age=172800" in login_cookie(api, "ann@example.com")
+    app.db.close()
+
+
+def test_expired_session_is_401(app, ann):
+    # the server enforces expiry, not only the cookie's Max-Age
+    with app.db.transaction() as conn:
+        conn.execute("UPDATE sessions SET expires_at = 1")
+    assert error(ann.get("/users", status=401)) == ("not_authorized", None)
+
+
+def test_each_login_is_a_new_session(app, api, ann):
+    login_cookie(api, "ann@example.com")
+    assert api.get("/users").json["id"] == ann.get("/users").json["id"]
+    assert len(query(app, "SELECT * FROM sessions")) == 2
+
+
+def test_logout_deletes_session_and_expires_cookie(app, ann):
+    response = ann.delete("/logout")
+    assert response.json == {}
+    assert response.headers["Set-Cookie"].lower().startswith('session_id=""; expires=thu, 01 jan 1970')
+    assert query(app, "SELECT * FROM sessions") == []
+
+
+def test_logged_out_token_is_401(api, ann):
+    token = login_cookie(api, "ann@example.com").split(";")[0]
+    api.delete("/logout")
+    other = webtest.TestApp(api.app)
+    assert error(other.get("/users", headers={"Cookie": token}, status=401)) == \
+        ("not_authorized", None)
+
+
+@pytest.mark.parametrize("header", [
+    "session_id=nonsense",
+    "session_id=",
+    "session_id",
+    'session_id="\\x00\\xff"',
+    "=; ;;; a=b=c",
+    "session_id=" + "a" * 10_000,
+])
+def test_malformed_session_cookie_is_401(api, header):
+    assert error(api.get("/users", headers={"Cookie": header}, status=401)) == \
+        ("not_authorized", None)
+
+
+def test_malformed_pair_does_not_hide_session_cookie(api, ann):
+    token = login_cookie(api, "ann@example.com").split(";")[0]
+    fresh = webtest.TestApp(api.app)
+    assert fresh.get("/users", headers={"Cookie": f'x="bad; {token}; y'}).json["id"] == ann.user["id"]
+
+
+def test_two_session_cookies_either_order(api, ann):
+    token = login_cookie(api, "ann@example.com").split(";")[0]
+    fresh = webtest.TestApp(api.app)
+    for header in (f"session_id=stale; {token}", f"{token}; session_id=stale"):
+        assert fresh.get("/users", headers={"Cookie": header}).json["id"] == ann.user["id"]
+
+
+def test_password_change_ends_other_sessions(api, ann):
+    login_cookie(api, "ann@example.com")
+    profile = dict(ann.user, password="a new password")
+    ann.put_json(f"/users/{ann.user['id']}", profile)
+    assert ann.get("/users").json["id"] == ann.user["id"]
+    assert error(api.get("/users", status=401)) == ("not_authorized", None)
+
+
+def fail_login(api, email):
+    return api.post_json("/login", {"email": email, "password": "wrong password"}, status="*")
+
+
+def test_login_throttled_after_ten_failures(api, ann):
+    for _ in range(10):
+        assert error(fail_login(api, "ann@example.com")) == ("wrong_credentials", None)
+    response = api.post_json("/login", {"email": "ANN@example.com", "password": PASSWORD}, status=429)
+    assert error(response) == ("too_many_attempts", None)
+    assert 1 <= int(response.headers["Retry-After"]) <= 15 * 60
+
+
+def test_login_throttle_window_passes(app, api, ann):
+    for _ in range(10):
+        fail_login(api, "ann@example.com")
+    with app.db.transaction() as conn:
+        conn.execute("UPDATE login_failures SET failed_at = failed_at - 15 * 60")
+    assert api.post_json("/login", {"email": "ann@example.com", "password": PASSWORD}).status_int == 200
+
+
+def test_login_success_clears_failures(api, ann):
+    for _ in range(9):
+        fail_login(api, "ann@example.com")
+    login_cookie(api, "ann@example.com")
+    for _ in range(9):
+        fail_login(api, "ann@example.com")
+    assert api.post_json("/login", {"email": "ann@example.com", "password": PASSWORD}).status_int == 200
+
+
+def test_login_throttle_is_per_email(api, ann, bob):
+    for _ in range(10):
+        fail_login(api, "ann@example.com")
+    assert api.post_json("/login", {"email": "bob@example.com", "password": PASSWORD}).status_int == 200
+
+
+# ---------------------------------------------------------------------------
+# 3. Users
+# ---------------------------------------------------------------------------
+
+
+def test_register_returns_the_user_without_cookie(api):
+    response = api.post_json("/users", {"email": "ann@example.com", "password": PASSWORD,
+                                        "name": "Ann Lee", "status": "hi", "phone": "+1 (555) 0-1"})
+    assert response.json == user_json(1, "ann@example.com", "ann", "Ann Lee", "hi", "+1 (555) 0-1")
+    assert "Set-Cookie" not in response.headers
+
+
+def test_sign_up_registers_too(api):
+    response = api.post_json("/sign_up", {"email": "ann@example.com", "password": PASSWORD})
+    assert response.json == user_json(1, "ann@example.com", "ann")
+
+
+def test_register_null_optional_fields_are_empty(api):
+    body = {"email": "ann@example.com", "password": PASSWORD, "username": None, "name": None,
+            "status": None, "phone": None}
+    assert api.post_json("/users", body).json == user_json(1, "ann@example.com", "ann")
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"password": PASSWORD}, "email"),
+    ({"email": None, "password": PASSWORD}, "email"),
+    ({"email": "ann@example.com"}, "password"),
+    ({"email": "ann@example.com", "password": None}, "password"),
+])
+def test_register_missing_field(api, body, field):
+    assert error(api.post_json("/users", body, status=400)) == ("missing_field", field)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("email", 42),
+    ("email", ["a@b.c"]),
+    ("email", "ab"),
+    ("email", "a" * 250 + "@b.cd"),
+    ("email", "no-at-sign"),
+    ("email", "two@at@signs"),
+    ("email", "@example.com"),
+    ("email", "ann@"),
+    ("email", "ann smith@example.com"),
+    ("email", "ann@exa\u00a0mple.com"),
+    ("email", "ann\x01@example.com"),
+    ("email", "ann\0@example.com"),
+    ("email", "\ud800@example.com"),
+    ("password", "short"),
+    ("password", "x" * 1025),
+    ("password", 12345678),
+    ("password", "pass\0word"),
+    ("password", "pass\udfffword"),
+    ("username", ""),
+    ("username", "a" * 33),
+    ("username", "12345"),
+    ("username", "ann smith"),
+    ("username", "ann-smith"),
+    ("username", "ann@home"),
+    ("username", "ann\x7f"),
+    ("username", True),
+    ("name", "n" * 129),
+    ("name", "Ann\x00"),
+    ("name", "Ann\nLee"),
+    ("name", "\ud800"),
+    ("name", 5),
+    ("status", "s" * 257),
+    ("status", "tab\there"),
+    ("phone", "p" * 33),
+    ("phone", "555-CALL"),
+    ("phone", "１２３"),
+    ("phone", {"n": 1}),
+])
+def test_register_invalid_field(api, field, value):
+    body = {"email": "ann@example.com", "password": PASSWORD, field: value}
+    assert error(api.post_json("/users", body, status=400)) == ("invalid_field", field)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("email", "a@b"),
+    ("email", "a" * 64 + "@" + "b" * 189),
+    ("password", "x" * 8),
+    ("password", "x" * 1024),
+    ("password", "tab\tand\x01control"),
+    ("username", "Ёж_2.0"),
+    ("username", "a" * 32),
+    ("username", "李雷"),
+    ("name", "n" * 128),
+    ("status", "s" * 256),
+    ("phone", "+7 (900) 123-45-67"),
+])
+def test_register_accepts_field_at_its_limits(api, field, value):
+    body = {"email": "ann@example.com", "password": PASSWORD, field: value}
+    api.post_json("/users", body)
+
+
+def test_register_email_taken_case_insensitively(api):
+    api.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    response = api.post_json("/users", {"email": "ANN@Example.com", "password": PASSWORD}, status=400)
+    assert error(response) == ("email_taken", "email")
+
+
+def test_register_username_taken_with_unicode_case_folding(api):
+    api.post_json("/users", {"email": "a@example.com", "password": PASSWORD, "username": "Ёж"})
+    body = {"email": "b@example.com", "password": PASSWORD, "username": "ёЖ"}
+    assert error(api.post_json("/users", body, status=400)) == ("username_taken", "username")
+
+
+@pytest.mark.parametrize("email, username", [
+    ("john.doe+news@example.com", "john.doenews"),
+    ("Ёжик@example.com", "Ёжик"),
+    ("12345@example.com", "user12345"),
+    ("+-+@example.com", "user"),
+    ("a" * 40 + "@example.com", "a" * 28),
+])
+def test_register_makes_username_from_email(api, email, username):
+    assert api.post_json("/users", {"email": email, "password": PASSWORD}).json["username"] == username
+
+
+def test_register_numbers_a_taken_username(api):
+    api.post_json("/users", {"email": "ann@one.com", "password": PASSWORD})
+    api.post_json("/users", {"email": "x@one.com", "password": PASSWORD, "username": "ANN3"})
+    usernames = [api.post_json("/users", {"email": f"ann@{n}.com", "password": PASSWORD}).json["username"]
+                 for n in ("two", "three")]
+    assert usernames == ["ann2", "ann4"]
+
+
+def test_password_is_hashed_with_pbkdf2_and_salt(app, api):
+    api.post_json("/users", {"email": "a@example.com", "password": PASSWORD})
+    api.post_json("/users", {"email": "b@example.com", "password": PASSWORD})
+    hashes = [row[0] for row in query(app, "SELECT password_hash FROM users")]
+    for stored in hashes:
+        assert re.fullmatch(r"pbkdf2_sha256\$1000\$[0-9a-f]{32}\$[0-9a-f]{64}", stored)
+    assert hashes[0] != hashes[1]
+
+
+def test_password_default_cost_is_600000_iterations():
+    assert messenger.hash_password("x").startswith("pbkdf2_sha256$600000$")
+
+
+def test_password_never_in_any_response(app, ann, bob, chat):
+    stored = query(app, "SELECT password_hash FROM users")[0][0]
+    for path in ("/users", "/users/1", "/users/a", "/chats", f"/chats/{chat['id']}"):
+        text = ann.get(path).text
+        assert "password" not in text and stored.split("$")[3] not in text
+
+
+def test_login_returns_the_user(api, ann):
+    response = api.post_json("/login", {"email": "ann@example.com", "password": PASSWORD})
+    assert response.json == user_json(ann.user["id"], "ann@example.com", "ann", "Ann Lee")
+
+
+def test_login_email_is_case_insensitive(api, ann):
+    api.post_json("/login", {"email": "Ann@EXAMPLE.com", "password": PASSWORD})
+
+
+@pytest.mark.parametrize("body, field", [({"password": PASSWORD}, "email"),
+                                         ({"email": "ann@example.com"}, "password")])
+def test_login_missing_field(api, body, field):
+    assert error(api.post_json("/login", body, status=400)) == ("missing_field", field)
+
+
+def test_login_unknown_email_and_wrong_password_look_the_same(api, ann):
+    wrong = api.post_json("/login", {"email": "ann@example.com", "password": "not it!!"}, status=400)
+    unknown = api.post_json("/login", {"email": "who@example.com", "password": "not it!!"}, status=400)
+    assert wrong.json == unknown.json == {"error": "wrong_credentials",
+                                          "message": "The email or the password is wrong."}
+
+
+def test_login_unknown_email_costs_one_hash_like_wrong_password(api, ann, monkeypatch):
+    calls = []
+    real = messenger.hashlib.pbkdf2_hmac
+    monkeypatch.setattr(messenger.hashlib, "pbkdf2_hmac",
+                        lambda *args: calls.append(args[3]) or real(*args))
+    api.post_json("/login", {"email": "ann@example.com", "password": "not it!!"}, status=400)
+    api.post_json("/login", {"email": "who@example.com", "password": "not it!!"}, status=400)
+    assert calls == [ITERATIONS, ITERATIONS]
+
+
+def test_login_rehashes_a_cheaper_password(tmp_path):
+    path = str(tmp_path / "rehash.db")
+    cheap = messenger.make_app(path, password_iterations=ITERATIONS)
+    webtest.TestApp(cheap).post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    cheap.db.close()
+    dearer = messenger.make_app(path, password_iterations=ITERATIONS * 2)
+    webtest.TestApp(dearer).post_json("/login", {"email": "ann@example.com", "password": PASSWORD})
+    stored = query(dearer, "SELECT password_hash FROM users")[0][0]
+    assert stored.startswith(f"pbkdf2_sha256${ITERATIONS * 2}$")
+    assert messenger.verify_password(PASSWORD, stored)
+    dearer.db.close()
+
+
+def test_current_user(ann):
+    assert ann.get("/users").json == user_json(ann.user["id"], "ann@example.com", "ann", "Ann Lee")
+
+
+def test_get_user_by_id(ann, bob):
+    assert ann.get(f"/users/{bob.user['id']}").json == user_json(bob.user["id"], "bob@example.com", "bob")
+
+
+def test_get_user_unknown_id(ann):
+    assert error(ann.get("/users/999", status=400)) == ("user_not_found", None)
+
+
+def search(client, text, **params):
+    response = client.get("/users/" + urllib.request.quote(text), params=params)
+    return [user["username"] for user in response.json["users"]]
+
+
+def test_search_finds_usernames_containing_the_text(login):
+    client = login(username="zed")
+    for username in ("xannx", "Anna", "bob", "ann"):
+        login(username=username)
+    assert search(client, "ANN") == ["ann", "Anna", "xannx"]
+
+
+def test_search_orders_exact_then_prefix_then_rest(login):
+    client = login(username="zed")
+    for username in ("b_al", "al", "zal", "alb", "aal", "Al_b"):
+        login(username=username)
+    assert search(client, "al") == ["al", "Al_b", "alb", "aal", "b_al", "zal"]
+
+
+def test_search_folds_unicode_case(login):
+    client = login(username="zed")
+    login(username="ЁЖИК")
+    assert search(client, "ёжик") == ["ЁЖИК"]
+
+
+@pytest.mark.parametrize("text", ["%", "_", "\\", "a%", "'; DROP TABLE users; --"])
+def test_search_takes_wildcards_literally(login, text):
+    client = login(username="plain")
+    login(username="has_under")
+    expected = ["has_under"] if text == "_" else []
+    assert search(client, text) == expected
+
+
+def test_search_pages_with_limit_and_offset(login):
+    client = login(username="zed")
+    for n in range(5):
+        login(username=f"u{n}x")
+    assert search(client, "x", limit=2, offset=1) == ["u1x", "u2x"]
+
+
+@pytest.mark.parametrize("params, field", [({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
+                                           ({"limit": "x"}, "limit"), ({"offset": -1}, "offset")])
+def test_search_bad_page_is_invalid_field(ann, params, field):
+    assert error(ann.get("/users/a", params=params, status=400)) == ("invalid_field", field)
+
+
+@pytest.mark.parametrize("text", ["a" * 65, "a" * 10_000, "a\x01b"])
+def test_search_bad_query_is_invalid_field(ann, text):
+    assert error(ann.get("/users/" + text, status=400)) == ("invalid_field", "query")
+
+
+def profile(client, **changes):
+    return dict({key: client.user[key] for key in ("email", "username", "name", "status", "phone")},
+                **changes)
+
+
+def test_edit_user_replaces_the_profile(ann):
+    body = {"id": ann.user["id"], "email": "ann@new.org", "username": "annie", "name": "Ann",
+            "status": "busy", "phone": "123"}
+    assert ann.put_json(f"/users/{ann.user['id']}", body).json == dict(body)
+    assert ann.get("/users").json == body
+
+
+def test_edit_user_null_optional_fields_are_empty(ann):
+    body = profile(ann, name=None, status=None, phone=None)
+    assert ann.put_json(f"/users/{ann.user['id']}", body).json["name"] == ""
+
+
+def test_edit_user_keeps_own_email_and_username(ann):
+    ann.put_json(f"/users/{ann.user['id']}", profile(ann, email="ANN@example.com", username="Ann"))
+
+
+@pytest.mark.parametrize("field", ["email", "username", "name", "status", "phone"])
+def test_edit_user_missing_field(ann, field):
+    body = profile(ann)
+    del body[field]
+    assert error(ann.put_json(f"/users/{ann.user['id']}", body, status=400)) == ("missing_field", field)
+
+
+@pytest.mark.parametrize("field, value", [("email", "bad"), ("username", ""), ("username", "42"),
+                                          ("phone", "x"), ("password", "short"), ("id", 999),
+                                          ("id", "1")])
+def test_edit_user_invalid_field(ann, field, value):
+    body = profile(ann, **{field: value})
+    assert error(ann.put_json(f"/users/{ann.user['id']}", body, status=400)) == ("invalid_field", field)
+
+
+@pytest.mark.parametrize("field, value, mnemonic", [("email", "BOB@example.com", "email_taken"),
+                                                    ("username", "BOB", "username_taken")])
+def test_edit_user_taken(ann, bob, field, value, mnemonic):
+    body = profile(ann, **{field: value})
+    assert error(ann.put_json(f"/users/{ann.user['id']}", body, status=400)) == (mnemonic, field)
+
+
+def test_edit_user_someone_else_is_forbidden(ann, bob):
+    response = ann.put_json(f"/users/{bob.user['id']}", profile(bob, name="Hacked"), status=403)
+    assert error(response) == ("forbidden", None)
+    assert bob.get("/users").json["name"] == ""
+
+
+def test_edit_user_unknown_id(ann):
+    assert error(ann.put_json("/users/999", profile(ann), status=400)) == ("user_not_found", None)
+
+
+def test_edit_user_changes_password(api, ann):
+    ann.put_json(f"/users/{ann.user['id']}", profile(ann, password="a new password"))
+    api.post_json("/login", {"email": "ann@example.com", "password": PASSWORD}, status=400)
+    api.post_json("/login", {"email": "ann@example.com", "password": "a new password"})
+
+
+# ---------------------------------------------------------------------------
+# 4. Avatars
+# ---------------------------------------------------------------------------
+
+
+def upload(client, data, name="photo", filename="me.png", status=200):
+    return client.post("/photos", upload_files=[(name, filename, data)], status=status)
+
+
+@pytest.mark.parametrize("data, content_type", [(PNG, "image/png"), (JPEG, "image/jpeg"),
+                                                (GIF, "image/gif"), (WEBP, "image/webp")])
+def test_upload_photo_then_get_it(ann, data, content_type):
+    assert upload(ann, data, filename="x.txt").json == {"url": f"/photos/{ann.user['id']}"}
+    response = ann.get(f"/photos/{ann.user['id']}")
+    assert (response.body, response.content_type) == (data, content_type)
+
+
+def test_upload_photo_any_field_name(ann):
+    upload(ann, PNG, name="whatever")
+
+
+def test_photo_has_safety_headers(ann):
+    upload(ann, PNG)
+    headers = ann.get(f"/photos/{ann.user['id']}").headers
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+
+
+def test_photo_etag_gives_304(ann):
+    upload(ann, PNG)
+    etag = ann.get(f"/photos/{ann.user['id']}").headers["ETag"]
+    response = ann.get(f"/photos/{ann.user['id']}", headers={"If-None-Match": etag}, status=304)
+    assert response.body == b"" and response.headers["ETag"] == etag
+
+
+def test_new_upload_changes_etag(ann):
+    upload(ann, PNG)
+    first = ann.get(f"/photos/{ann.user['id']}").headers["ETag"]
+    upload(ann, JPEG)
+    assert ann.get(f"/photos/{ann.user['id']}", headers={"If-None-Match": first}).headers["ETag"] != first
+
+
+def test_default_avatar_is_svg_with_initials(ann, bob):
+    response = bob.get(f"/photos/{ann.user['id']}")
+    assert response.content_type == "image/svg+xml"
+    assert ">AL</text>" in response.text and "ETag" in response.headers
+
+
+def test_default_avatar_uses_username_without_name(ann, bob):
+    assert ">B</text>" in ann.get(f"/photos/{bob.user['id']}").text
+
+
+def test_default_avatar_escapes_user_text(login):
+    client = login(name="<script> &amp")
+    text = client.get(f"/photos/{client.user['id']}").text
+    assert ">&lt;&amp;</text>" in text and "<script" not in text
+
+
+def test_default_avatar_colour_depends_on_id(ann, bob):
+    colour = re.compile(r'fill="(hsl[^"]+)"')
+    assert colour.search(ann.get("/photos/1").text)[1] != colour.search(ann.get("/photos/2").text)[1]
+
+
+def test_delete_photo_restores_default(ann):
+    upload(ann, PNG)
+    assert ann.delete("/photos").json == {}
+    assert ann.get(f"/photos/{ann.user['id']}").content_type == "image/svg+xml"
+
+
+def test_get_photo_unknown_user(ann):
+    assert error(ann.get("/photos/999", status=400)) == ("user_not_found", None)
+
+
+@pytest.mark.parametrize("data", [b"", b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+                                  b"<html><script>alert(1)</script></html>", b"GIF8", b"RIFF1234WAVE"])
+def test_upload_photo_not_an_image(ann, data):
+    assert error(upload(ann, data, filename="a.png", status=400)) == ("invalid_image", "photo")
+
+
+def test_upload_photo_without_file_part(ann):
+    response = ann.post("/photos", {"photo": "just text"}, status=400)
+    assert error(response) == ("missing_field", "photo")
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("multipart/form-data; boundary=xyz", b"garbage"),
+    ("multipart/form-data", b"--xyz\r\n\r\n"),
+    ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Type: image/png\r\n\r\n" + PNG),
+    ("multipart/form-data; boundary=xyz", b"--xyz\r\nno colon here\r\n\r\nx\r\n--xyz--\r\n"),
+    ("application/json", b'{"photo": "x"}'),
+])
+def test_upload_photo_malformed_body(ann, content_type, body):
+    response = ann.request("/photos", method="POST", body=body, content_type=content_type, status=400)
+    assert error(response) == ("missing_field", "photo")
+
+
+def test_upload_photo_too_large(tmp_path):
+    app = messenger.make_app(str(tmp_path / "p.db"), password_iterations=ITERATIONS,
+                             max_photo_bytes=1000)
+    client = webtest.TestApp(app)
+    client.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    client.post_json("/login", {"email": "ann@example.com", "password": PASSWORD})
+    upload(client, PNG + b"\0" * (1000 - len(PNG)))
+    response = upload(client, PNG + b"\0" * (1001 - len(PNG)), status=413)
+    assert error(response) == ("payload_too_large", None)
+    response = upload(client, PNG + b"\0" * 100_000, status=413)
+    assert error(response) == ("payload_too_large", None)
+    app.db.close()
+
+
+# ---------------------------------------------------------------------------
+# 5. Chats and messages
+# ---------------------------------------------------------------------------
+
+
+def test_create_chat_returns_the_chat(ann, bob, chat):
+    assert chat == {"id": chat["id"], "name": "bob", "members": [ann.user["id"], bob.user["id"]],
+                    "last_message": None, "unread_count": 0, "created_at": chat["created_at"]}
+
+
+def test_chat_name_is_the_other_members_name(bob, chat):
+    assert bob.get(f"/chats/{chat['id']}").json["name"] == "Ann Lee"
+
+
+def test_create_chat_is_idempotent_from_both_sides(ann, bob, chat):
+    assert ann.post_json("/chats", {"user_id": bob.user["id"]}).json["id"] == chat["id"]
+    assert bob.post_json("/chats", {"user_id": ann.user["id"]}).json["id"] == chat["id"]
+
+
+@pytest.mark.parametrize("body, mnemonic", [
+    ({}, "missing_field"),
+    ({"user_id": None}, "missing_field"),
+    ({"user_id": "2"}, "invalid_field"),
+    ({"user_id": True}, "invalid_field"),
+    ({"user_id": 2.0}, "invalid_field"),
+    ({"user_id": 0}, "invalid_field"),
+    ({"user_id": -2}, "invalid_field"),
+    ({"user_id": 2**63}, "invalid_field"),
+    ({"user_id": 1}, "invalid_field"),
+])
+def test_create_chat_bad_user_id(ann, bob, body, mnemonic):
+    assert error(ann.post_json("/chats", body, status=400)) == (mnemonic, "user_id")
+
+
+def test_create_chat_unknown_user(ann):
+    assert error(ann.post_json("/chats", {"user_id": 999}, status=400)) == ("user_not_found", "user_id")
+
+
+def test_list_chats_most_recent_activity_first(login, ann, bob):
+    carl = login(username="carl")
+    first = ann.post_json("/chats", {"user_id": bob.user["id"]}).json
+    second = ann.post_json("/chats", {"user_id": carl.user["id"]}).json
+    assert [c["id"] for c in ann.get("/chats").json["chats"]] == [second["id"], first["id"]]
+    send(bob, first["id"], "bump")
+    assert [c["id"] for c in ann.get("/chats").json["chats"]] == [first["id"], second["id"]]
+
+
+def test_list_chats_shows_last_message_and_unread(ann, bob, chat):
+    send(bob, chat["id"], "one")
+    last = send(bob, chat["id"], "two")
+    listed = ann.get("/chats").json["chats"]
+    assert [(c["last_message"], c["unread_count"]) for c in listed] == [(last, 2)]
+
+
+def test_list_chats_only_own(login, chat):
+    assert login().get("/chats").json == {"chats": []}
+
+
+def test_get_chat(ann, chat):
+    assert ann.get(f"/chats/{chat['id']}").json == chat
+
+
+def test_get_chat_of_others_is_not_found(login, chat):
+    assert error(login().get(f"/chats/{chat['id']}", status=400)) == ("chat_not_found", None)
+
+
+def test_get_chat_unknown(ann):
+    assert error(ann.get("/chats/999", status=400)) == ("chat_not_found", None)
+
+
+def test_send_message_returns_it(ann, chat):
+    message = send(ann, chat["id"], "hello\n\tworld")
+    assert message == {"id": message["id"], "chat_id": chat["id"], "author_id": ann.user["id"],
+                       "text": "hello\n\tworld", "created_at": message["created_at"]}
+
+
+def test_send_message_moves_authors_read_mark(ann, bob, chat):
+    send(bob, chat["id"], "hi")
+    send(ann, chat["id"], "hello")
+    assert ann.get(f"/chats/{chat['id']}").json["unread_count"] == 0
+    assert bob.get(f"/chats/{chat['id']}").json["unread_count"] == 1
+
+
+def test_message_ids_grow(ann, bob, chat):
+    ids = [send(client, chat["id"], "x")["id"] for client in (ann, bob, ann)]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+
+
+@pytest.mark.parametrize("body, mnemonic", [
+    ({}, "missing_field"),
+    ({"text": None}, "missing_field"),
+    ({"text": ""}, "invalid_field"),
+    ({"text": " \n\t\u3000"}, "invalid_field"),
+    ({"text": "x" * 4097}, "invalid_field"),
+    ({"text": "bell\x07"}, "invalid_field"),
+    ({"text": "nul\0"}, "invalid_field"),
+    ({"text": "\ud83d"}, "invalid_field"),
+    ({"text": 42}, "invalid_field"),
+])
+def test_send_message_bad_text(ann, chat, body, mnemonic):
+    response = ann.post_json(f"/chats/{chat['id']}/messages", body, status=400)
+    assert error(response) == (mnemonic, "text")
+
+
+def test_send_message_longest_text(ann, chat):
+    assert send(ann, chat["id"], "я" * 4096)["text"] == "я" * 4096
+
+
+def test_send_message_to_others_chat_is_not_found(login, chat):
+    response = login().post_json(f"/chats/{chat['id']}/messages", {"text": "hi"}, status=400)
+    assert error(response) == ("chat_not_found", None)
+
+
+@pytest.fixture
+def history(ann, bob, chat):
+    """Five messages alternating authors; their ids."""
+    return [send(client, chat["id"], str(n))["id"] for n, client in enumerate((ann, bob) * 2 + (ann,))]
+
+
+def page(client, chat, **params):
+    body = client.get(f"/chats/{chat['id']}/messages", params=params).json
+    return [m["id"] for m in body["messages"]], body["has_more"]
+
+
+def test_history_newest_page_oldest_first(ann, chat, history):
+    assert page(ann, chat, limit=2) == (history[3:], True)
+
+
+def test_history_all_fits(ann, chat, history):
+    assert page(ann, chat) == (history, False)
+
+
+def test_history_before(ann, chat, history):
+    assert page(ann, chat, before=history[3], limit=2) == (history[1:3], True)
+    assert page(ann, chat, before=history[1], limit=2) == (history[:1], False)
+
+
+def test_history_after(ann, chat, history):
+    assert page(ann, chat, after=history[0], limit=2) == (history[1:3], True)
+    assert page(ann, chat, after=history[2], limit=2) == (history[3:], False)
+    assert page(ann, chat, after=0, limit=5) == (history, False)
+
+
+def test_history_message_objects(ann, chat, history):
+    body = ann.get(f"/chats/{chat['id']}/messages", params={"limit": 1}).json
+    assert body == {"messages": [{"id": history[-1], "chat_id": chat["id"], "author_id": ann.user["id"],
+                                  "text": "4", "created_at": body["messages"][0]["created_at"]}],
+                    "has_more": True}
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"limit": "ten"}, "limit"),
+    ({"before": 0}, "before"), ({"before": -1}, "before"), ({"before": 2**63}, "before"),
+    ({"after": -1}, "after"), ({"after": "１"}, "after"), ({"before": 5, "after": 1}, "before"),
+])
+def test_history_bad_query(ann, chat, params, field):
+    response = ann.get(f"/chats/{chat['id']}/messages", params=params, status=400)
+    assert error(response) == ("invalid_field", field)
+
+
+def test_history_of_others_chat_is_not_found(login, chat):
+    response = login().get(f"/chats/{chat['id']}/messages", status=400)
+    assert error(response) == ("chat_not_found", None)
+
+
+def test_read_defaults_to_newest(bob, chat, history):
+    assert bob.post_json(f"/chats/{chat['id']}/read", {}).json == {"unread_count": 0}
+
+
+def test_read_up_to_a_message(ann, bob, chat):
+    first = send(ann, chat["id"], "one")
+    send(ann, chat["id"], "two")
+    send(ann, chat["id"], "three")
+    assert bob.post_json(f"/chats/{chat['id']}/read", {"message_id": first["id"]}).json == \
+        {"unread_count": 2}
+
+
+def test_read_mark_only_moves_forward(bob, chat, history):
+    bob.post_json(f"/chats/{chat['id']}/read", {"message_id": history[4]})
+    assert bob.post_json(f"/chats/{chat['id']}/read", {"message_id": history[0]}).json == \
+        {"unread_count": 0}
+
+
+def test_read_empty_chat(ann, chat):
+    assert ann.post_json(f"/chats/{chat['id']}/read", {}).json == {"unread_count": 0}
+
+
+def test_read_message_of_another_chat(login, ann, bob, chat):
+    carl = login()
+    other = carl.post_json("/chats", {"user_id": bob.user["id"]}).json
+    foreign = send(carl, other["id"], "elsewhere")["id"]
+    response = ann.post_json(f"/chats/{chat['id']}/read", {"message_id": foreign}, status=400)
+    assert error(response) == ("invalid_field", "message_id")
+
+
+@pytest.mark.parametrize("message_id", ["1", 0, True, 1.5, 2**64])
+def test_read_bad_message_id(ann, chat, message_id):
+    response = ann.post_json(f"/chats/{chat['id']}/read", {"message_id": message_id}, status=400)
+    assert error(response) == ("invalid_field", "message_id")
+
+
+def test_read_others_chat_is_not_found(login, chat):
+    response = login().post_json(f"/chats/{chat['id']}/read", {}, status=400)
+    assert error(response) == ("chat_not_found", None)
+
+
+# ---------------------------------------------------------------------------
+# The real server: waitress on a free port, many threads at once
+# ---------------------------------------------------------------------------
+
+
+def call(url, method="GET", body=None, cookie=None):
+    """One HTTP request; (status, JSON body, headers)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if cookie:
+        request.add_header("Cookie", cookie)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), exc.headers
+
+
+def at_once(count, action):
+    """Run action(i) on `count` threads released together; their results in order."""
+    barrier = threading.Barrier(count)
+    results = [None] * count
+
+    def run(i):
+        barrier.wait()
+        results[i] = action(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.fixture
+def server(tmp_path):
+    with messenger.Server(db=str(tmp_path / "server.db"), password_iterations=ITERATIONS,
+                          quiet=True) as server:
+        yield server
+
+
+def server_login(server, email):
+    call(server.url + "/users", "POST", {"email": email, "password": PASSWORD})
+    status, user, headers = call(server.url + "/login", "POST", {"email": email, "password": PASSWORD})
+    return user["id"], headers["Set-Cookie"].split(";")[0]
+
+
+def test_server_twenty_registrations_of_one_email(server):
+    body = {"email": "race@example.com", "password": PASSWORD}
+    results = at_once(20, lambda i: call(server.url + "/users", "POST", body)[:2])
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [200] + [400] * 19
+    assert {body["error"] for status, body in results if status == 400} == {"email_taken"}
+
+
+def test_server_both_members_open_one_dialog(server):
+    ann_id, ann_cookie = server_login(server, "ann@example.com")
+    bob_id, bob_cookie = server_login(server, "bob@example.com")
+    pairs = [(bob_id, ann_cookie), (ann_id, bob_cookie)] * 4
+    results = at_once(8, lambda i: call(server.url + "/chats", "POST", {"user_id": pairs[i][0]},
+                                        pairs[i][1])[:2])
+    assert {status for status, _ in results} == {200}
+    assert len({chat["id"] for _, chat in results}) == 1
+
+
+def test_memory_database_from_eight_threads():
+    with messenger.Server(db=":memory:", password_iterations=ITERATIONS, threads=8,
+                          quiet=True) as server:
+        users = [server_login(server, f"user{i}@example.com") for i in range(8)]
+        hub_id, hub_cookie = users[0]
+        chats = [call(server.url + "/chats", "POST", {"user_id": hub_id}, cookie)[1]["id"]
+                 for _, cookie in users[1:]]
+
+        def chatter(i):
+            chat_id, (_, cookie) = chats[i % 7], users[1 + i % 7]
+            return [call(server.url + f"/chats/{chat_id}/messages", "POST", {"text": f"{i}-{n}"},
+                         cookie)[0] for n in range(10)]
+
+        results = at_once(8, chatter)
+        assert {status for statuses in results for status in statuses} == {200}
+        listed = call(server.url + "/chats", cookie=hub_cookie)[1]["chats"]
+        assert sum(chat["unread_count"] for chat in listed) == 80
+
+
+def test_server_stop_closes_the_port(tmp_path):
+    server = messenger.Server(db=str(tmp_path / "s.db"), quiet=True)
+    assert call(server.url + "/nowhere")[0] == 404
+    server.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(server.url + "/", timeout=5)
+
+
+def test_server_413_for_body_over_upload_limit(server):
+    _, cookie = server_login(server, "ann@example.com")
+    body = b"x" * (messenger.MAX_PHOTO_BYTES + messenger.MULTIPART_OVERHEAD + 1)
+    request = urllib.request.Request(server.url + "/photos", data=body, method="POST",
+                                     headers={"Cookie": cookie,
+                                              "Content-Type": "multipart/form-data; boundary=x"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 413
+    assert json.loads(caught.value.read())["error"] == "payload_too_large"
+
+
+def test_server_path_not_utf8_is_json(server):
+    _, cookie = server_login(server, "ann@example.com")
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    connection.request("GET", "/users/%FF", headers={"Cookie": cookie})
+    response = connection.getresponse()
+    # Bottle drops bytes that are not UTF-8: this is GET /users/, no route.
+    assert (response.status, response.getheader("Content-Type")) == (404, "application/json")
+    assert json.loads(response.read())["error"] == "not_found"
+    connection.close()
