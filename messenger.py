@@ -69,6 +69,11 @@ MAX_SEARCH_CHARS = 64
 MAX_MESSAGE_CHARS = 4096
 DEFAULT_PAGE = 50
 MAX_PAGE = 100
+MAX_POLL_SECONDS = 60
+UPDATES_HOURS = 24  # how long updates are kept for clients that were away
+# A waiting poll re-reads the database this often, to see updates written by
+# another process on the same file; this process's own writes wake it at once.
+POLL_RECHECK_SECONDS = 0.25
 
 # waitress, configured on purpose:
 # a body just above the largest upload reaches the app, which answers the
@@ -118,6 +123,7 @@ class Database:
             self.target, self.uri = path, False
         self.path = path
         self._idle = []
+        self.borrowed = 0  # connections out of the pool right now
         self._lock = threading.Lock()
         self._closed = False
         conn = self._open()
@@ -161,10 +167,13 @@ class Database:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = self._open()
+        with self._lock:
+            self.borrowed += 1
         try:
             yield conn
         finally:
             with self._lock:
+                self.borrowed -= 1
                 if self._closed:
                     conn.close()
                 else:
@@ -236,6 +245,14 @@ def _bottle_error_page(err):
     )
     bottle.response.content_type = JSON_TYPE
     return _error_body(mnemonic, message)
+
+
+def _check_path_encoding():
+    """Refuse a path that is not UTF-8 (Bottle would silently drop the bad bytes)."""
+    try:
+        bottle.request.environ["bottle.raw_path"].encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise error(400, "invalid_field", "The request path is not valid UTF-8.", "path") from None
 
 
 def _json_body():
@@ -837,7 +854,11 @@ def create_chat():
                 "INSERT INTO chat_members (user_id, chat_id) VALUES (?, ?)",
                 [(low, chat_id), (high, chat_id)],
             )
-        return _load_chat(conn, me, chat_id)
+            _add_updates(conn, {user: {"type": "chat", "chat": _load_chat(conn, user, chat_id)}
+                                for user in (low, high)})
+        chat = _load_chat(conn, me, chat_id)
+    bottle.request.app.feed.publish()
+    return chat
 
 
 @route("GET", "/chats")
@@ -858,6 +879,11 @@ def get_chat(chat):
     chat_id = _path_id(chat)
     with bottle.request.app.db.connection() as conn:
         return _load_chat(conn, me, chat_id)
+
+
+def _chat_members(conn, chat_id):
+    row = conn.execute("SELECT user_low, user_high FROM chats WHERE id = ?", (chat_id,)).fetchone()
+    return list(row)
 
 
 def _message_text(body):
@@ -893,7 +919,12 @@ def send_message(chat):
             "UPDATE chat_members SET last_read_id = ? WHERE user_id = ? AND chat_id = ?",
             (message_id, me, chat_id),
         )
-    return {"id": message_id, "chat_id": chat_id, "author_id": me, "text": text, "created_at": now}
+        message = {"id": message_id, "chat_id": chat_id, "author_id": me, "text": text,
+                   "created_at": now}
+        _add_updates(conn, {user: {"type": "message", "message": message}
+                            for user in _chat_members(conn, chat_id)})
+    bottle.request.app.feed.publish()
+    return message
 
 
 @route("GET", "/chats/<chat>/messages")
@@ -938,12 +969,104 @@ def mark_read(chat):
             "SELECT 1 FROM messages WHERE id = ? AND chat_id = ?", (message_id, chat_id)
         ).fetchone():
             raise _invalid("message_id", "'message_id' is not a message of this chat.")
-        conn.execute(
-            "UPDATE chat_members SET last_read_id = max(last_read_id, ?)"
-            " WHERE user_id = ? AND chat_id = ?",
-            (message_id, me, chat_id),
-        )
-        return {"unread_count": _load_chat(conn, me, chat_id)["unread_count"]}
+        moved = conn.execute(
+            "UPDATE chat_members SET last_read_id = ? WHERE user_id = ? AND chat_id = ?"
+            " AND last_read_id < ?",
+            (message_id, me, chat_id, message_id),
+        ).rowcount
+        if moved:
+            event = {"type": "read", "chat_id": chat_id, "user_id": me, "message_id": message_id}
+            _add_updates(conn, {user: event for user in _chat_members(conn, chat_id) if user != me})
+        unread_count = _load_chat(conn, me, chat_id)["unread_count"]
+    if moved:
+        bottle.request.app.feed.publish()
+    return {"unread_count": unread_count}
+
+
+# ---------------------------------------------------------------------------
+# Updates (long polling)
+# ---------------------------------------------------------------------------
+
+
+class Feed:
+    """Wakes this process's waiting long polls when updates are written, and counts them."""
+
+    def __init__(self, max_waiting):
+        self.max_waiting = max_waiting
+        self.generation = 0  # grows with every publish, so a waiter sees what it missed
+        self.waiting = 0
+        self.closed = False
+        self._changed = threading.Condition()
+
+    def publish(self):
+        """Wake every waiting poll: updates were committed."""
+        with self._changed:
+            self.generation += 1
+            self._changed.notify_all()
+
+    def wait(self, generation, timeout):
+        """Sleep until a publish after `generation`, a close, or the timeout."""
+        with self._changed:
+            if self.generation == generation and not self.closed:
+                self._changed.wait(timeout)
+
+    @contextlib.contextmanager
+    def waiter(self):
+        """Yield whether this poll may wait: False when most threads already do."""
+        with self._changed:
+            allowed = self.waiting < self.max_waiting and not self.closed
+            self.waiting += allowed
+        try:
+            yield allowed
+        finally:
+            with self._changed:
+                self.waiting -= allowed
+
+    def close(self):
+        """End every wait now and refuse new ones (the server is stopping)."""
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+
+def _add_updates(conn, events):
+    """Store one update per recipient ({user id: event}) and prune the expired ones."""
+    now = _now()
+    conn.execute("DELETE FROM updates WHERE created_at < ?",
+                 (now - bottle.request.app.options["updates_hours"] * 3600,))
+    conn.executemany(
+        "INSERT INTO updates (user_id, created_at, payload) VALUES (?, ?, ?)",
+        [(user, now, json.dumps(event)) for user, event in events.items()],
+    )
+
+
+def _read_updates(me, offset, limit):
+    with bottle.request.app.db.connection() as conn:
+        rows = conn.execute(
+            "SELECT id, payload FROM updates WHERE user_id = ? AND id >= ? ORDER BY id LIMIT ?",
+            (me, offset, limit),
+        ).fetchall()
+    return [dict(update_id=row["id"], **json.loads(row["payload"])) for row in rows]
+
+
+@route("GET", "/updates")
+def get_updates():
+    """New messages, chats and read marks since ?offset=, waiting up to ?timeout= seconds."""
+    me = _me()
+    offset = _query_int("offset", 0, 0, MAX_ID)
+    timeout = _query_int("timeout", 0, 0, MAX_POLL_SECONDS)
+    limit = _query_int("limit", MAX_PAGE, 1, MAX_PAGE)
+    feed = bottle.request.app.feed
+    deadline = time.monotonic() + timeout
+    with feed.waiter() as may_wait:
+        while True:
+            generation = feed.generation
+            updates = _read_updates(me, offset, limit)
+            remaining = deadline - time.monotonic()
+            if updates or not may_wait or remaining <= 0 or feed.closed:
+                return {"updates": updates}
+            # No connection is held while waiting: it went back to the pool.
+            feed.wait(generation, min(remaining, POLL_RECHECK_SECONDS))
 
 
 # ---------------------------------------------------------------------------
@@ -1001,6 +1124,7 @@ def make_app(
     password_iterations=PASSWORD_ITERATIONS,
     session_days=SESSION_DAYS,
     max_photo_bytes=MAX_PHOTO_BYTES,
+    updates_hours=UPDATES_HOURS,
 ):
     """Build a new messenger WSGI application on the SQLite database `db`."""
     app = bottle.Bottle()
@@ -1012,8 +1136,12 @@ def make_app(
         "password_iterations": password_iterations,
         "session_days": session_days,
         "max_photo_bytes": max_photo_bytes,
+        "updates_hours": updates_hours,
     }
+    # Keep a quarter of the threads (at least two) free of long polls.
+    app.feed = Feed(max_waiting=max(1, threads - max(2, threads // 4)))
     app.default_error_handler = _bottle_error_page
+    app.add_hook("before_request", _check_path_encoding)
     for method, path, handler in ROUTES:
         app.route(path, method, handler)
     return app
@@ -1109,6 +1237,7 @@ class Server:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self.app.feed.close()
         self._server.pull_trigger()
         self._thread.join()
         self._close_app()
@@ -1127,6 +1256,7 @@ def serve(app, host=DEFAULT_HOST, port=DEFAULT_PORT):
 
     def stop(signum, frame):
         stopping.set()
+        app.feed.close()
         server.pull_trigger()
 
     signal.signal(signal.SIGTERM, stop)

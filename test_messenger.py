@@ -5,7 +5,11 @@ import itertools
 import json
 import re
 import sqlite3
+import statistics
+import subprocess
+import sys
 import threading
+import time
 import http.client
 import urllib.error
 import urllib.parse
@@ -1060,12 +1064,200 @@ def test_server_413_for_body_over_upload_limit(server):
     assert json.loads(caught.value.read())["error"] == "payload_too_large"
 
 
-def test_server_path_not_utf8_is_json(server):
+def test_server_path_not_utf8_is_invalid_field(server):
     _, cookie = server_login(server, "ann@example.com")
     connection = http.client.HTTPConnection(server.host, server.port, timeout=10)
     connection.request("GET", "/users/%FF", headers={"Cookie": cookie})
     response = connection.getresponse()
-    # Bottle drops bytes that are not UTF-8: this is GET /users/, no route.
-    assert (response.status, response.getheader("Content-Type")) == (404, "application/json")
-    assert json.loads(response.read())["error"] == "not_found"
+    assert (response.status, response.getheader("Content-Type")) == (400, "application/json")
+    assert json.loads(response.read())["error"] == "invalid_field"
     connection.close()
+
+
+# ---------------------------------------------------------------------------
+# 6. Updates (long polling)
+# ---------------------------------------------------------------------------
+
+
+def updates(client, **params):
+    return client.get("/updates", params=params).json["updates"]
+
+
+def test_updates_none_returns_at_once(ann):
+    assert ann.get("/updates").json == {"updates": []}
+
+
+def test_updates_new_chat_reaches_both_members(ann, bob, chat):
+    [for_ann], [for_bob] = updates(ann), updates(bob)
+    assert for_ann == {"update_id": for_ann["update_id"], "type": "chat", "chat": chat}
+    assert for_bob["chat"] == bob.get(f"/chats/{chat['id']}").json
+
+
+def test_updates_message_reaches_both_members(ann, bob, chat):
+    message = send(ann, chat["id"], "hello")
+    for client in (ann, bob):
+        last = updates(client)[-1]
+        assert last == {"update_id": last["update_id"], "type": "message", "message": message}
+
+
+def test_updates_read_mark_reaches_the_other_member(ann, bob, chat):
+    message = send(ann, chat["id"], "hello")
+    bob.post_json(f"/chats/{chat['id']}/read", {})
+    last = updates(ann)[-1]
+    assert last == {"update_id": last["update_id"], "type": "read", "chat_id": chat["id"],
+                    "user_id": bob.user["id"], "message_id": message["id"]}
+    assert updates(bob)[-1]["type"] == "message"
+
+
+def test_updates_read_mark_that_does_not_move_is_no_update(ann, bob, chat):
+    send(ann, chat["id"], "hello")
+    bob.post_json(f"/chats/{chat['id']}/read", {})
+    count = len(updates(ann))
+    bob.post_json(f"/chats/{chat['id']}/read", {})
+    assert len(updates(ann)) == count
+
+
+def test_updates_only_the_callers(login, ann, chat):
+    send(ann, chat["id"], "private")
+    assert updates(login()) == []
+
+
+def test_updates_offset_acknowledges(ann, bob, chat):
+    send(ann, chat["id"], "one")
+    first = updates(ann)
+    send(ann, chat["id"], "two")
+    after = updates(ann, offset=first[-1]["update_id"] + 1)
+    assert [u["message"]["text"] for u in after] == ["two"]
+
+
+def test_updates_limit_bounds_the_page(ann, bob, chat):
+    for n in range(5):
+        send(ann, chat["id"], str(n))
+    page = updates(ann, limit=3)
+    assert len(page) == 3 and page[0]["type"] == "chat"
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"offset": -1}, "offset"), ({"offset": "x"}, "offset"), ({"timeout": 61}, "timeout"),
+    ({"timeout": "1.5"}, "timeout"), ({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
+])
+def test_updates_bad_query(ann, params, field):
+    assert error(ann.get("/updates", params=params, status=400)) == ("invalid_field", field)
+
+
+def test_updates_older_than_retention_are_pruned(tmp_path):
+    app = messenger.make_app(str(tmp_path / "u.db"), password_iterations=ITERATIONS,
+                             updates_hours=0.1 / 3600)
+    emails = iter(["ann@example.com", "bob@example.com"])
+    ann, bob = (webtest.TestApp(app) for _ in range(2))
+    for client in (ann, bob):
+        email = next(emails)
+        client.user = client.post_json("/users", {"email": email, "password": PASSWORD}).json
+        client.post_json("/login", {"email": email, "password": PASSWORD})
+    chat_id = ann.post_json("/chats", {"user_id": bob.user["id"]}).json["id"]
+    send(ann, chat_id, "old")
+    time.sleep(0.2)
+    send(ann, chat_id, "new")
+    assert [u["message"]["text"] for u in updates(ann)] == ["new"]
+    app.db.close()
+
+
+def test_updates_timeout_returns_empty_after_waiting(ann):
+    started = time.monotonic()
+    assert updates(ann, timeout=1) == []
+    assert time.monotonic() - started >= 0.9
+
+
+def poll(server, cookie, **params):
+    query = urllib.parse.urlencode(params)
+    return call(f"{server.url}/updates?{query}", cookie=cookie)[1]["updates"]
+
+
+def two_in_a_chat(server):
+    """Log in two users on a server and open their chat: (ann cookie, bob cookie, chat id, offset)."""
+    _, ann_cookie = server_login(server, "ann@example.com")
+    bob_id, bob_cookie = server_login(server, "bob@example.com")
+    chat_id = call(server.url + "/chats", "POST", {"user_id": bob_id}, ann_cookie)[1]["id"]
+    offset = poll(server, ann_cookie)[-1]["update_id"] + 1
+    return ann_cookie, bob_cookie, chat_id, offset
+
+
+def wake_up_seconds(server, waiter_cookie, sender_url, sender_cookie, chat_id, offset):
+    """Seconds from a message posted through sender_url to the waiting poll returning it."""
+    result = {}
+
+    def wait():
+        result["updates"] = poll(server, waiter_cookie, offset=offset, timeout=20)
+        result["at"] = time.monotonic()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.05)  # let the poll start waiting
+    sent = time.monotonic()
+    message = call(f"{sender_url}/chats/{chat_id}/messages", "POST", {"text": "wake"},
+                   sender_cookie)[1]
+    thread.join()
+    assert [u["message"] for u in result["updates"]] == [message]
+    return result["at"] - sent, result["updates"][-1]["update_id"] + 1
+
+
+def test_server_poll_wakes_when_a_message_arrives(server):
+    ann_cookie, bob_cookie, chat_id, offset = two_in_a_chat(server)
+    delays = []
+    for _ in range(20):
+        delay, offset = wake_up_seconds(server, ann_cookie, server.url, bob_cookie, chat_id, offset)
+        delays.append(delay)
+    # The goal is about 100 ms; the bound is loose so a busy machine does not fail it.
+    assert statistics.median(delays) < 1.0
+
+
+def start_process(db):
+    """Run `python messenger.py` on a free port; (process, url)."""
+    process = subprocess.Popen(
+        [sys.executable, messenger.__file__, "--port", "0", "--db", db, "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    line = process.stdout.readline()
+    url = re.search(r"(http://\S+?)/? ", line)
+    assert url, line + process.stderr.read()
+    return process, url[1]
+
+
+def test_server_poll_wakes_for_a_message_from_another_process(tmp_path, server):
+    ann_cookie, bob_cookie, chat_id, offset = two_in_a_chat(server)
+    process, url = start_process(server.app.db.path)
+    try:
+        delay, _ = wake_up_seconds(server, ann_cookie, url, bob_cookie, chat_id, offset)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert delay < 2.0  # about POLL_RECHECK_SECONDS
+
+
+def test_server_long_polls_do_not_starve_other_requests(tmp_path):
+    with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, threads=4,
+                          quiet=True) as server:
+        _, cookie = server_login(server, "ann@example.com")
+        pollers = [threading.Thread(target=poll, args=(server, cookie), kwargs={"timeout": 3})
+                   for _ in range(10)]
+        for thread in pollers:
+            thread.start()
+        time.sleep(0.3)
+        assert server.app.feed.waiting == server.app.feed.max_waiting == 2
+        assert server.app.db.borrowed == 0  # a waiting poll holds no connection
+        started = time.monotonic()
+        assert call(server.url + "/users", cookie=cookie)[0] == 200
+        assert time.monotonic() - started < 2.0  # answered well before the polls end
+        for thread in pollers:
+            thread.join()
+
+
+def test_server_stop_ends_waiting_polls(tmp_path):
+    server = messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True)
+    _, cookie = server_login(server, "ann@example.com")
+    thread = threading.Thread(target=lambda: poll(server, cookie, timeout=60))
+    thread.start()
+    time.sleep(0.2)
+    server.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
