@@ -639,11 +639,11 @@ def get_user(user):
     return _user_json(row)
 
 
-@route("PUT", "/users/<user>")
-def edit_user(user):
+@route("PUT", "/users/<user_id>")
+def edit_user(user_id):
     """Replace the caller's profile: all of email, username, name, status, phone; password optional."""
     me, token_hash = _session()
-    user_id = _path_id(user)
+    user_id = _path_id(user_id)
     app = bottle.request.app
     if user_id != me:
         with app.db.connection() as conn:
@@ -764,11 +764,11 @@ def _etag_matches(etag):
     return etag in tags or "*" in tags
 
 
-@route("GET", "/photos/<user>")
-def get_photo(user):
+@route("GET", "/photos/<user_id>")
+def get_photo(user_id):
     """A user's avatar image: the upload, or a generated SVG; ETag and 304 supported."""
     _me()
-    user_id = _path_id(user)
+    user_id = _path_id(user_id)
     with bottle.request.app.db.connection() as conn:
         row = _load_user(conn, user_id)
         photo = conn.execute("SELECT * FROM photos WHERE user_id = ?", (user_id,)).fetchone()
@@ -872,11 +872,11 @@ def list_chats():
     return {"chats": [_chat_json(row) for row in rows]}
 
 
-@route("GET", "/chats/<chat>")
-def get_chat(chat):
+@route("GET", "/chats/<chat_id>")
+def get_chat(chat_id):
     """One of the caller's chats."""
     me = _me()
-    chat_id = _path_id(chat)
+    chat_id = _path_id(chat_id)
     with bottle.request.app.db.connection() as conn:
         return _load_chat(conn, me, chat_id)
 
@@ -897,11 +897,11 @@ def _message_text(body):
     return text
 
 
-@route("POST", "/chats/<chat>/messages")
-def send_message(chat):
+@route("POST", "/chats/<chat_id>/messages")
+def send_message(chat_id):
     """Send a message to one of the caller's chats."""
     me = _me()
-    chat_id = _path_id(chat)
+    chat_id = _path_id(chat_id)
     text = _message_text(_json_body())
     with bottle.request.app.db.transaction() as conn:
         _load_chat(conn, me, chat_id)
@@ -927,11 +927,11 @@ def send_message(chat):
     return message
 
 
-@route("GET", "/chats/<chat>/messages")
-def list_messages(chat):
+@route("GET", "/chats/<chat_id>/messages")
+def list_messages(chat_id):
     """A page of a chat's messages, oldest first: the newest, or ?before= / ?after= a message id."""
     me = _me()
-    chat_id = _path_id(chat)
+    chat_id = _path_id(chat_id)
     limit = _query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
     before = _query_int("before", None, 1, MAX_ID)
     after = _query_int("after", None, 0, MAX_ID)
@@ -953,11 +953,11 @@ def list_messages(chat):
     return {"messages": [_message_json(row) for row in page], "has_more": len(rows) > limit}
 
 
-@route("POST", "/chats/<chat>/read")
-def mark_read(chat):
+@route("POST", "/chats/<chat_id>/read")
+def mark_read(chat_id):
     """Move the caller's read mark forward, to a message or to the newest; the unread count."""
     me = _me()
-    chat_id = _path_id(chat)
+    chat_id = _path_id(chat_id)
     message_id = _json_int(_json_body(), "message_id", required=False)
     with bottle.request.app.db.transaction() as conn:
         _load_chat(conn, me, chat_id)
@@ -1091,11 +1091,16 @@ def _prefers_json():
     return quality.get("application/json", 0.0) > quality.get("text/html", 0.0)
 
 
+def _route_path(rule):
+    """A Bottle rule as the README writes it: /chats/<chat_id> is /chats/{chat_id}."""
+    return rule.replace("<", "{").replace(">", "}")
+
+
 @route("GET", "/")
 def index():
     """This page: the name, version and every route (JSON when Accept asks for it)."""
     routes = [
-        {"method": r.method, "path": r.rule, "description": (r.callback.__doc__ or "").strip()}
+        {"method": r.method, "path": _route_path(r.rule), "description": (r.callback.__doc__ or "").strip()}
         for r in bottle.request.app.routes
     ]
     if _prefers_json():
@@ -1219,7 +1224,7 @@ class Server:
         except BaseException:
             self._close_app()
             raise
-        self.host, self.port = host, self._server.effective_port
+        self.host, self.port = host, int(self._server.effective_port)
         self.url = _url(host, self.port)
         self._stopping = threading.Event()
         self._thread = threading.Thread(
@@ -1266,9 +1271,16 @@ def serve(app, host=DEFAULT_HOST, port=DEFAULT_PORT):
     _run_server(server, stopping)
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line on stderr, not argparse's usage block."""
+        self.exit(2, f"messenger: {message} (see --help)\n")
+
+
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="messenger", description="A messenger backend: a JSON API over HTTP on SQLite."
+    parser = _ArgumentParser(
+        prog="messenger",
+        description="A messenger backend: a JSON API over HTTP on SQLite. Ctrl-C or SIGTERM stops it.",
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,

@@ -1,9 +1,13 @@
 """Tests for messenger, in the order of the API contract (README.md)."""
 
 import hashlib
+import html
 import itertools
 import json
+import os
 import re
+import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -14,6 +18,7 @@ import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
+import wsgiref.simple_server
 
 import pytest
 import webtest
@@ -1261,3 +1266,149 @@ def test_server_stop_ends_waiting_polls(tmp_path):
     server.stop()
     thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+# ---------------------------------------------------------------------------
+# 7. Running and embedding
+# ---------------------------------------------------------------------------
+
+
+def test_index_is_html_listing_every_route(app, api):
+    response = api.get("/")
+    assert response.content_type == "text/html"
+    for route in app.routes:
+        path = html.escape(messenger._route_path(route.rule))
+        assert f"<td>{route.method}</td><td><code>{path}</code></td>" in response.text
+
+
+def test_index_is_json_when_asked(app, api):
+    response = api.get("/", headers={"Accept": "text/html;q=0.5, application/json"})
+    assert response.json["name"] == "messenger" and response.json["version"] == messenger.__version__
+    listed = {(r["method"], r["path"]) for r in response.json["routes"]}
+    assert listed == {(route.method, messenger._route_path(route.rule)) for route in app.routes}
+    assert all(r["description"] for r in response.json["routes"])
+
+
+def test_index_browser_accept_gets_html(api):
+    accept = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    assert api.get("/", headers={"Accept": accept}).content_type == "text/html"
+
+
+def test_make_app_returns_independent_apps(tmp_path):
+    first = webtest.TestApp(messenger.make_app(":memory:", password_iterations=ITERATIONS))
+    second = webtest.TestApp(messenger.make_app(":memory:", password_iterations=ITERATIONS))
+    first.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    second.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    first.app.db.close()
+    second.app.db.close()
+
+
+def test_two_servers_share_nothing():
+    with messenger.Server(password_iterations=ITERATIONS, quiet=True) as one, \
+            messenger.Server(password_iterations=ITERATIONS, quiet=True) as two:
+        assert one.port != two.port
+        server_login(one, "ann@example.com")
+        status, body, _ = call(two.url + "/login", "POST", {"email": "ann@example.com",
+                                                            "password": PASSWORD})
+        assert (status, body["error"]) == (400, "wrong_credentials")
+
+
+def test_server_url_and_port():
+    with messenger.Server(quiet=True) as server:
+        assert server.url == f"http://127.0.0.1:{server.port}" and server.port > 0
+        assert call(server.url + "/nowhere")[0] == 404
+
+
+def test_make_app_runs_under_another_wsgi_server(tmp_path):
+    app = messenger.make_app(str(tmp_path / "w.db"), password_iterations=ITERATIONS)
+    httpd = wsgiref.simple_server.make_server("127.0.0.1", 0, app,
+                                              handler_class=QuietHandler)
+    thread = threading.Thread(target=httpd.handle_request)
+    thread.start()
+    status, body, _ = call(f"http://127.0.0.1:{httpd.server_port}/users", "POST",
+                           {"email": "ann@example.com", "password": PASSWORD})
+    thread.join()
+    httpd.server_close()
+    app.db.close()
+    assert (status, body["username"]) == (200, "ann")
+
+
+class QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, messenger.__file__, *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serves_logs_and_stops_cleanly(tmp_path, signum):
+    process, url = start_process_logged(str(tmp_path / "cli.db"))
+    assert call(url + "/nowhere")[0] == 404
+    process.send_signal(signum)
+    assert process.wait(timeout=15) == 0
+    log = process.stderr.read()
+    assert re.search(r"^GET /nowhere 404 \d+\.\d ms$", log, re.M), log
+    assert "Traceback" not in log
+
+
+def start_process_logged(db):
+    process = subprocess.Popen([sys.executable, messenger.__file__, "--port", "0", "--db", db],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert re.fullmatch(rf"messenger {re.escape(messenger.__version__)} serving "
+                        rf"http://127\.0\.0\.1:\d+/ with database {re.escape(db)}\n", line), line
+    return process, re.search(r"http://\S+?(?=/ )", line)[0]
+
+
+def test_cli_memory_database(tmp_path):
+    process, url = start_process(":memory:")
+    assert call(url + "/users", "POST", {"email": "a@example.com", "password": PASSWORD})[0] == 200
+    process.terminate()
+    assert process.wait(timeout=15) == 0
+
+
+def test_cli_python_dash_m_is_the_same_program():
+    here = os.path.dirname(messenger.__file__)
+    result = subprocess.run([sys.executable, "-m", "messenger", "--help"], capture_output=True,
+                            text=True, timeout=60, cwd=here)
+    assert result.returncode == 0 and result.stdout == run_cli("--help").stdout
+
+
+def test_cli_help_explains_every_flag():
+    text = run_cli("--help").stdout
+    for flag in ("--host", "--port", "--db", "--threads", "--secure-cookies", "--quiet"):
+        assert re.search(rf"^\s+{flag}\b.*\S", text, re.M), flag
+
+
+@pytest.mark.parametrize("args", [["--port", "abc"], ["--port", "70000"], ["--threads", "0"],
+                                  ["--no-such-flag"]])
+def test_cli_bad_flag_is_one_line(args):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("messenger: ")
+
+
+def test_cli_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_cli("--port", str(taken.getsockname()[1]), "--db", str(tmp_path / "x.db"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "cannot listen" in result.stderr
+
+
+@pytest.mark.parametrize("db", ["missing-dir/x.db", "."])
+def test_cli_database_that_cannot_open_is_one_line(tmp_path, db):
+    result = run_cli("--port", "0", "--db", str(tmp_path / db))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "cannot open the database" in result.stderr
+
+
+def test_cli_file_that_is_not_a_database(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a database, just words " * 100)
+    result = run_cli("--port", "0", "--db", str(tmp_path / "notes.txt"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "cannot open the database" in result.stderr
