@@ -86,6 +86,8 @@ CONNECTION_LIMIT = 1000
 # an idle keep-alive connection is dropped after this many seconds; above
 # the longest poll so a waiting client is never cut off.
 CHANNEL_TIMEOUT = 120
+# on stop, requests under way get this long to finish and be sent.
+STOP_GRACE_SECONDS = 5
 
 BUSY_TIMEOUT = 10  # seconds a connection waits for another's write lock
 JSON_TYPE = "application/json"
@@ -1194,15 +1196,23 @@ def _create_server(app, host, port):
 
 
 def _run_server(server, stopping):
-    """Serve until `stopping` is set; then close every socket and stop the worker threads."""
+    """Serve until `stopping` is set; then finish the requests under way and close every socket."""
     while not stopping.is_set():
         waitress.wasyncore.loop(timeout=1.0, use_poll=True, map=server._map, count=1)
-    # waitress has no public shutdown: closing the listening socket and every
-    # open connection here, on the thread that owns them, is what works.
+    # waitress has no public shutdown. What works: stop listening, let the
+    # workers finish while this loop still sends their answers, then close
+    # every connection here, on the thread that owns them.
     server.close()
+    workers = threading.Thread(target=server.task_dispatcher.shutdown)
+    workers.start()
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    while time.monotonic() < deadline and (workers.is_alive() or any(
+        getattr(channel, "total_outbufs_len", 0) for channel in list(server._map.values())
+    )):
+        waitress.wasyncore.loop(timeout=0.05, use_poll=True, map=server._map, count=1)
     for channel in list(server._map.values()):
         channel.handle_close()
-    server.task_dispatcher.shutdown()
+    workers.join()
 
 
 def _url(host, port):
