@@ -31,6 +31,8 @@ import json
 import logging
 import math
 import os
+import random
+import re
 import secrets
 import signal
 import socket
@@ -40,6 +42,7 @@ import sysconfig
 import threading
 import time
 import unicodedata
+import urllib.parse
 
 import bottle
 import waitress.server
@@ -88,6 +91,13 @@ CONNECTION_LIMIT = 1000
 CHANNEL_TIMEOUT = 120
 # on stop, requests under way get this long to finish and be sent.
 STOP_GRACE_SECONDS = 5
+
+# Browsers may call the API with credentials from these origins, any port.
+LOCAL_ORIGIN = re.compile(r"http://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?")
+CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
+CORS_MAX_AGE = 7200  # seconds a browser may cache a preflight
+
+DEMO_PASSWORD = "demo-password"
 
 BUSY_TIMEOUT = 10  # seconds a connection waits for another's write lock
 JSON_TYPE = "application/json"
@@ -246,6 +256,7 @@ def _bottle_error_page(err):
         err.status_code, ("invalid_field", "The request is malformed.")
     )
     bottle.response.content_type = JSON_TYPE
+    _add_cors_headers()  # a crash skips the after_request hook
     return _error_body(mnemonic, message)
 
 
@@ -255,6 +266,78 @@ def _check_path_encoding():
         bottle.request.environ["bottle.raw_path"].encode("latin-1").decode("utf-8")
     except UnicodeError:
         raise error(400, "invalid_field", "The request path is not valid UTF-8.", "path") from None
+
+
+def _cors_origin():
+    """The request's Origin if it may call the API with credentials, else None."""
+    origin = bottle.request.environ.get("HTTP_ORIGIN")
+    allowed = bottle.request.app.options["cors_origins"]
+    if origin and (LOCAL_ORIGIN.fullmatch(origin) or origin in allowed or "*" in allowed):
+        return origin
+    return None
+
+
+def _add_cors_headers(response=None):
+    """Let an allowed origin read this answer, errors included (an after_request hook)."""
+    response = response or bottle.response
+    response.set_header("Vary", "Origin")
+    origin = _cors_origin()
+    if origin:
+        response.set_header("Access-Control-Allow-Origin", origin)
+        response.set_header("Access-Control-Allow-Credentials", "true")
+        response.set_header("Access-Control-Expose-Headers", "Retry-After, ETag")
+        _warn_cross_site(origin)
+
+
+def _warn_cross_site(origin):
+    """Warn once per origin when a page on localhost calls 127.0.0.1, or the other way round."""
+    hosts = {urllib.parse.urlsplit(origin).hostname,
+             urllib.parse.urlsplit("//" + bottle.request.get_header("Host", "")).hostname}
+    warned = bottle.request.app.warned_origins
+    if hosts == {"localhost", "127.0.0.1"} and origin not in warned:
+        warned.add(origin)
+        log.warning(
+            "warning: a page on %s calls this server as %s. Browsers treat localhost and "
+            "127.0.0.1 as different sites and drop the session cookie: use the same name in both.",
+            origin, bottle.request.get_header("Host"),
+        )
+
+
+def _answer_preflight():
+    """Answer a CORS preflight (any OPTIONS request) with 204, before routing."""
+    if bottle.request.method != "OPTIONS":
+        return
+    headers = {}
+    if _cors_origin():
+        headers = {
+            "Access-Control-Allow-Methods": CORS_METHODS,
+            "Access-Control-Allow-Headers": bottle.request.get_header("Access-Control-Request-Headers", ""),
+            "Access-Control-Max-Age": str(CORS_MAX_AGE),
+        }
+    raise bottle.HTTPResponse(status=204, headers=headers)
+
+
+def parse_delay(value):
+    """A --delay value, "MS" or "MIN-MAX" milliseconds (or a number, or a pair), as (min, max)."""
+    if isinstance(value, (int, float)):
+        low = high = value
+    elif isinstance(value, (tuple, list)):
+        low, high = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:-\s*(\d+(?:\.\d+)?)\s*)?", str(value))
+        if not match:
+            raise ValueError(f"a delay is MS or MIN-MAX milliseconds, not {value!r}")
+        low, high = float(match[1]), float(match[2] or match[1])
+    if not 0 <= low <= high:
+        raise ValueError(f"a delay range must be 0 <= MIN <= MAX, not {low}-{high}")
+    return low, high
+
+
+def _delay_response():
+    """Wait as --delay says before answering, so clients can show their loading states."""
+    low, high = bottle.request.app.options["delay"]
+    if high and bottle.request.method != "OPTIONS":
+        time.sleep(random.uniform(low, high) / 1000)
 
 
 def _json_body():
@@ -1072,6 +1155,81 @@ def get_updates():
 
 
 # ---------------------------------------------------------------------------
+# Demo data
+# ---------------------------------------------------------------------------
+
+DEMO_USERS = [  # email, username, name, status, phone
+    ("ann@example.com", "ann", "Ann Lee", "Drawing dragons", "+1 555 0101"),
+    ("bob@example.com", "bob", "Bob Stone", "At the climbing gym", ""),
+    ("carol@example.com", "carol", "Carol Díaz", "", "+34 600 123 456"),
+    ("dave@example.com", "dave", "Dave Kim", "Offline until Monday", ""),
+]
+DEMO_CHATS = [  # two usernames, then (author, text) from the oldest
+    ("ann", "bob", [
+        ("bob", "Hey Ann! Are we still on for Saturday?"),
+        ("ann", "Yes! 10 am at the park entrance?"),
+        ("bob", "Perfect. I'll bring the frisbee."),
+        ("ann", "And I'll bring sandwiches 🥪"),
+        ("bob", "Deal. Should we ask Carol too?"),
+        ("ann", "Already did, she's in."),
+        ("bob", "Great, see you there!"),
+    ]),
+    ("ann", "carol", [
+        ("ann", "Carol, park on Saturday at 10? Bob is coming."),
+        ("carol", "Count me in!"),
+        ("carol", "Can I bring my sister?"),
+    ]),
+    ("bob", "dave", [
+        ("dave", "Did you push the fix for the login page?"),
+        ("bob", "Yes, it's on main since this morning."),
+        ("dave", "Thanks, I'll test it on Monday."),
+    ]),
+]
+
+
+def seed_demo(app):
+    """Fill an empty database with demo users, dialogs and messages; False if it had users."""
+    with app.db.connection() as conn:
+        if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+            return False
+    password_hash = hash_password(DEMO_PASSWORD, app.options["password_iterations"])
+    now = _now()
+    with app.db.transaction() as conn:
+        if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+            return False  # another process seeded it meanwhile
+        ids = {}
+        for email, username, name, status, phone in DEMO_USERS:
+            ids[username] = conn.execute(
+                "INSERT INTO users (email, email_key, username, username_key, name, status, phone,"
+                " password_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (email, email.casefold(), username, username, name, status, phone, password_hash,
+                 _iso(now - 7 * 86400)),
+            ).lastrowid
+        for activity, (first, second, messages) in enumerate(DEMO_CHATS, 1):
+            low, high = sorted((ids[first], ids[second]))
+            start = now - activity * 86400  # the first chat has the latest messages
+            chat_id = conn.execute(
+                "INSERT INTO chats (user_low, user_high, created_at, activity) VALUES (?, ?, ?, ?)",
+                (low, high, _iso(start), len(DEMO_CHATS) - activity + 1),
+            ).lastrowid
+            for minutes, (author, text) in enumerate(messages):
+                message_id = conn.execute(
+                    "INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
+                    (chat_id, ids[author], text, _iso(start + 60 * (minutes + 1))),
+                ).lastrowid
+                # Each member has read up to their own last message: the rest is unread.
+                conn.execute(
+                    "INSERT INTO chat_members (user_id, chat_id, last_read_id) VALUES (?, ?, ?)"
+                    " ON CONFLICT (user_id, chat_id) DO UPDATE SET last_read_id = excluded.last_read_id",
+                    (ids[author], chat_id, message_id),
+                )
+            conn.execute("INSERT OR IGNORE INTO chat_members (user_id, chat_id) VALUES (?, ?), (?, ?)",
+                         (low, chat_id, high, chat_id))
+            conn.execute("UPDATE chats SET last_message_id = ? WHERE id = ?", (message_id, chat_id))
+    return True
+
+
+# ---------------------------------------------------------------------------
 # The application
 # ---------------------------------------------------------------------------
 
@@ -1091,6 +1249,19 @@ def _prefers_json():
                     q = 0.0
         quality[media.lower()] = max(q, quality.get(media.lower(), 0.0))
     return quality.get("application/json", 0.0) > quality.get("text/html", 0.0)
+
+
+def reset_database():
+    """Empty every table and end every session; with demo data, seed it again (--allow-reset)."""
+    app = bottle.request.app
+    with app.db.transaction() as conn:
+        # Deleting the users cascades to everything that belongs to them.
+        conn.execute("DELETE FROM users")
+        conn.execute("DELETE FROM login_failures")
+        conn.execute("DELETE FROM sqlite_sequence")  # ids start at 1 again
+    if app.options["demo"]:
+        seed_demo(app)
+    return {}
 
 
 def _route_path(rule):
@@ -1126,6 +1297,10 @@ def make_app(
     db=DEFAULT_DB,
     *,
     threads=DEFAULT_THREADS,
+    demo=False,
+    delay=0,
+    cors_origins=(),
+    allow_reset=False,
     secure_cookies=False,
     quiet=False,
     password_iterations=PASSWORD_ITERATIONS,
@@ -1138,6 +1313,10 @@ def make_app(
     app.db = Database(db)
     app.options = {
         "threads": threads,
+        "demo": demo,
+        "delay": parse_delay(delay),
+        "cors_origins": frozenset(cors_origins),
+        "allow_reset": allow_reset,
         "secure_cookies": secure_cookies,
         "quiet": quiet,
         "password_iterations": password_iterations,
@@ -1147,10 +1326,17 @@ def make_app(
     }
     # Keep a quarter of the threads (at least two) free of long polls.
     app.feed = Feed(max_waiting=max(1, threads - max(2, threads // 4)))
+    app.warned_origins = set()
     app.default_error_handler = _bottle_error_page
     app.add_hook("before_request", _check_path_encoding)
+    app.add_hook("before_request", _answer_preflight)
+    app.add_hook("before_request", _delay_response)
+    app.add_hook("after_request", _add_cors_headers)
     for method, path, handler in ROUTES:
         app.route(path, method, handler)
+    if allow_reset:
+        app.route("/__reset", "POST", reset_database)
+    app.demo_seeded = demo and seed_demo(app)
     return app
     return app
 
@@ -1281,6 +1467,13 @@ def serve(app, host=DEFAULT_HOST, port=DEFAULT_PORT):
     _run_server(server, stopping)
 
 
+def _delay_argument(text):
+    try:
+        return parse_delay(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """One line on stderr, not argparse's usage block."""
@@ -1300,6 +1493,20 @@ def _parse_args(argv):
                              " (default %(default)s)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                         help="worker threads; a waiting long poll holds one (default %(default)s)")
+    parser.add_argument("--demo", action="store_true",
+                        help="fill an empty database with demo users, chats and messages,"
+                             " and print their logins")
+    parser.add_argument("--delay", type=_delay_argument, default=(0, 0), metavar="MS|MIN-MAX",
+                        help="milliseconds to wait before each answer (a fixed or a random delay),"
+                             " to exercise a client's loading states (default 0)")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        dest="cors_origins",
+                        help="an origin (such as https://app.example.com) allowed to call the API"
+                             " from a browser with credentials, besides http://localhost,"
+                             " 127.0.0.1 and [::1] on any port; repeatable; '*' allows any")
+    parser.add_argument("--allow-reset", action="store_true",
+                        help="enable POST /__reset, which empties the database (and re-seeds the"
+                             " demo data with --demo), for clients' end-to-end tests")
     parser.add_argument("--secure-cookies", action="store_true",
                         help="mark the session cookie Secure (when served behind HTTPS)")
     parser.add_argument("--quiet", action="store_true", help="no access log")
@@ -1317,11 +1524,16 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
-        app = make_app(args.db, threads=args.threads, secure_cookies=args.secure_cookies,
-                       quiet=args.quiet)
+        app = make_app(args.db, threads=args.threads, demo=args.demo, delay=args.delay,
+                       cors_origins=args.cors_origins, allow_reset=args.allow_reset,
+                       secure_cookies=args.secure_cookies, quiet=args.quiet)
     except (sqlite3.Error, OSError) as exc:
         print(f"messenger: cannot open the database {args.db!r}: {exc}", file=sys.stderr)
         return 1
+    if args.demo:
+        print("demo data added:" if app.demo_seeded else
+              "the database already has users, so no demo data was added; the demo logins are:",
+              ", ".join(user[0] for user in DEMO_USERS), f"(password: {DEMO_PASSWORD})")
     try:
         serve(app, args.host, args.port)
     except OSError as exc:

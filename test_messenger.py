@@ -2,10 +2,13 @@
 
 import hashlib
 import html
+import http.server
 import itertools
 import json
+import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1414,3 +1417,268 @@ def test_cli_file_that_is_not_a_database(tmp_path):
     result = run_cli("--port", "0", "--db", str(tmp_path / "notes.txt"))
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "cannot open the database" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# 7. The mock backend: CORS, demo data, delay, reset
+# ---------------------------------------------------------------------------
+
+
+def cors_headers(response):
+    return {name: value for name, value in response.headers.items()
+            if name.lower().startswith("access-control-")}
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:3000", "http://127.0.0.1:5173",
+                                    "http://[::1]:8000", "http://localhost"])
+def test_cors_local_origin_is_echoed_with_credentials(api, origin):
+    response = api.get("/", headers={"Origin": origin})
+    assert cors_headers(response) == {"Access-Control-Allow-Origin": origin,
+                                      "Access-Control-Allow-Credentials": "true",
+                                      "Access-Control-Expose-Headers": "Retry-After, ETag"}
+
+
+@pytest.mark.parametrize("origin", ["http://example.com", "https://localhost:3000",
+                                    "http://localhost.example.com", "http://127.0.0.1.nip.io",
+                                    "null"])
+def test_cors_other_origin_gets_no_cors_headers(api, origin):
+    response = api.get("/", headers={"Origin": origin})
+    assert cors_headers(response) == {} and response.headers["Vary"] == "Origin"
+
+
+@pytest.mark.parametrize("path, status", [("/", 200), ("/users", 401), ("/nowhere", 404),
+                                          ("/crash", 500)])
+def test_cors_headers_and_vary_on_every_answer(app, api, path, status):
+    app.route("/crash", callback=lambda: 1 / 0)
+    response = api.get(path, headers={"Origin": "http://localhost:3000"}, status=status,
+                       expect_errors=True)
+    assert response.headers["Vary"] == "Origin"
+    assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+
+
+def test_cors_vary_without_origin(api):
+    assert api.get("/").headers["Vary"] == "Origin"
+
+
+@pytest.mark.parametrize("path", ["/login", "/chats/1/messages", "/nowhere", "/"])
+def test_preflight_answers_204_without_session(api, path):
+    response = api.options(path, headers={"Origin": "http://localhost:3000",
+                                          "Access-Control-Request-Method": "POST",
+                                          "Access-Control-Request-Headers": "content-type, x-trace"},
+                           status=204)
+    assert cors_headers(response) == {
+        "Access-Control-Allow-Origin": "http://localhost:3000",
+        "Access-Control-Allow-Credentials": "true",
+        "Access-Control-Expose-Headers": "Retry-After, ETag",
+        "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": "content-type, x-trace",
+        "Access-Control-Max-Age": "7200",
+    }
+    assert response.body == b""
+
+
+def test_preflight_from_other_origin_is_204_without_cors_headers(api):
+    response = api.options("/login", headers={"Origin": "http://example.com",
+                                              "Access-Control-Request-Method": "POST"}, status=204)
+    assert cors_headers(response) == {}
+
+
+def mock_app(tmp_path, **options):
+    return messenger.make_app(str(tmp_path / "mock.db"), password_iterations=ITERATIONS, **options)
+
+
+def test_cors_origin_option_adds_an_origin(tmp_path):
+    api = webtest.TestApp(mock_app(tmp_path, cors_origins=["https://app.example.com"]))
+    allowed = api.get("/", headers={"Origin": "https://app.example.com"})
+    other = api.get("/", headers={"Origin": "https://other.example.com"})
+    local = api.get("/", headers={"Origin": "http://localhost:3000"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "Access-Control-Allow-Origin" not in other.headers
+    assert local.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    api.app.db.close()
+
+
+def test_cors_star_allows_any_origin_by_echoing_it(tmp_path):
+    api = webtest.TestApp(mock_app(tmp_path, cors_origins=["*"]))
+    response = api.get("/", headers={"Origin": "https://anywhere.example"})
+    assert response.headers["Access-Control-Allow-Origin"] == "https://anywhere.example"
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    api.app.db.close()
+
+
+def test_cors_warns_once_about_localhost_and_127(api, caplog):
+    for _ in range(3):
+        api.get("/", headers={"Origin": "http://localhost:3000", "Host": "127.0.0.1:8080"})
+    api.get("/", headers={"Origin": "http://localhost:3000", "Host": "localhost:8080"})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "drop the session cookie" in warnings[0]
+
+
+def test_demo_fills_an_empty_database(tmp_path):
+    app = mock_app(tmp_path, demo=True)
+    assert app.demo_seeded
+    client = webtest.TestApp(app)
+    client.post_json("/login", {"email": "ann@example.com", "password": messenger.DEMO_PASSWORD})
+    chats = client.get("/chats").json["chats"]
+    assert [chat["name"] for chat in chats] == ["Bob Stone", "Carol Díaz"]
+    assert [chat["unread_count"] for chat in chats] == [1, 2]
+    history = client.get(f"/chats/{chats[0]['id']}/messages").json["messages"]
+    assert len(history) == 7 and history == sorted(history, key=lambda m: m["created_at"])
+    assert client.get("/photos/1").content_type == "image/svg+xml"
+    app.db.close()
+
+
+def test_demo_leaves_a_database_with_users_alone(tmp_path):
+    app = mock_app(tmp_path)
+    webtest.TestApp(app).post_json("/users", {"email": "mine@example.com", "password": PASSWORD})
+    app.db.close()
+    again = mock_app(tmp_path, demo=True)
+    assert not again.demo_seeded
+    assert query(again, "SELECT email FROM users") == [("mine@example.com",)]
+    again.db.close()
+
+
+def test_reset_does_not_exist_without_the_option(api):
+    assert error(api.post("/__reset", status=404)) == ("not_found", None)
+
+
+def test_reset_empties_everything_and_ends_sessions(tmp_path):
+    app = mock_app(tmp_path, allow_reset=True)
+    client = webtest.TestApp(app)
+    client.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    client.post_json("/login", {"email": "ann@example.com", "password": PASSWORD})
+    assert webtest.TestApp(app).post("/__reset").json == {}
+    assert error(client.get("/users", status=401)) == ("not_authorized", None)
+    assert client.post_json("/users", {"email": "ann@example.com", "password": PASSWORD}).json["id"] == 1
+    app.db.close()
+
+
+def test_reset_seeds_the_demo_again(tmp_path):
+    app = mock_app(tmp_path, allow_reset=True, demo=True)
+    client = webtest.TestApp(app)
+    client.post_json("/users", {"email": "new@example.com", "password": PASSWORD})
+    client.post("/__reset")
+    emails = [row[0] for row in query(app, "SELECT email FROM users ORDER BY id")]
+    assert emails == [user[0] for user in messenger.DEMO_USERS]
+    app.db.close()
+
+
+def test_delay_waits_before_answering(tmp_path):
+    api = webtest.TestApp(mock_app(tmp_path, delay="150-200"))
+    started = time.monotonic()
+    api.get("/")
+    assert time.monotonic() - started >= 0.15
+    api.app.db.close()
+
+
+def test_delay_skips_preflights(tmp_path):
+    api = webtest.TestApp(mock_app(tmp_path, delay=5000))
+    started = time.monotonic()
+    api.options("/login", headers={"Origin": "http://localhost:3000"}, status=204)
+    assert time.monotonic() - started < 4
+    api.app.db.close()
+
+
+@pytest.mark.parametrize("value, expected", [(0, (0, 0)), ("250", (250, 250)),
+                                             ("100-300", (100, 300)), (" 5 - 5 ", (5, 5)),
+                                             ((1, 2), (1, 2))])
+def test_parse_delay(value, expected):
+    assert messenger.parse_delay(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "fast", "-5", "300-100", "1-2-3", (5, 1)])
+def test_parse_delay_refuses(value):
+    with pytest.raises(ValueError):
+        messenger.parse_delay(value)
+
+
+@pytest.mark.parametrize("value", ["fast", "300-100", "-1"])
+def test_cli_bad_delay_is_one_line(value):
+    result = run_cli("--delay", value)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--delay" in result.stderr
+
+
+def test_cli_demo_prints_the_logins(tmp_path):
+    process = subprocess.Popen([sys.executable, messenger.__file__, "--port", "0", "--demo",
+                                "--db", str(tmp_path / "demo.db")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [process.stdout.readline(), process.stdout.readline()]
+    process.terminate()
+    assert process.wait(timeout=15) == 0
+    assert lines[0].startswith("demo data added: ann@example.com, bob@example.com")
+    assert messenger.DEMO_PASSWORD in lines[0] and "serving http://" in lines[1]
+
+
+BROWSER_PAGE = """<!doctype html>
+<html><body><pre id="result">running</pre><script>
+const api = "%(api)s";
+async function call(method, path, body) {
+  const response = await fetch(api + path, {
+    method, credentials: "include",
+    headers: body ? {"Content-Type": "application/json"} : {},  // a preflight for each write
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  return [response.status, await response.json()];
+}
+(async () => {
+  const log = [];
+  try {
+    log.push(await call("POST", "/users", {email: "ann@example.com", password: "%(password)s"}));
+    log.push(await call("POST", "/users", {email: "bob@example.com", password: "%(password)s"}));
+    log.push(await call("POST", "/login", {email: "ann@example.com", password: "%(password)s"}));
+    log.push(await call("GET", "/users"));
+    const [status, chat] = await call("POST", "/chats", {user_id: 2});
+    log.push([status, chat]);
+    log.push(await call("POST", `/chats/${chat.id}/messages`, {text: "hello from a browser"}));
+    log.push(await call("GET", `/chats/${chat.id}/messages`));
+    document.getElementById("result").textContent = JSON.stringify(log);
+  } catch (exc) {
+    document.getElementById("result").textContent = "ERROR " + exc;
+  }
+})();
+</script></body></html>
+"""
+
+
+def find_chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not find_chromium(), reason="needs Chromium (Debian's chromium package)")
+def test_browser_on_another_port_uses_the_api_with_cookies(tmp_path):
+    with messenger.Server(password_iterations=ITERATIONS, quiet=True) as server:
+        page = (BROWSER_PAGE % {"api": server.url, "password": PASSWORD}).encode()
+
+        class PageHandler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args):
+                pass
+
+        pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PageHandler)
+        threading.Thread(target=pages.serve_forever, daemon=True).start()
+        try:
+            result = subprocess.run(
+                [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-quic", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--virtual-time-budget=20000", "--dump-dom",
+                 f"http://127.0.0.1:{pages.server_port}/"],
+                capture_output=True, text=True, timeout=120,
+            )
+        finally:
+            pages.shutdown()
+            pages.server_close()
+    found = re.search(r'<pre id="result">(.*?)</pre>', result.stdout, re.S)
+    assert found, result.stdout[-2000:] + result.stderr[-2000:]
+    assert found[1].startswith("["), found[1]  # the page's error, such as a CORS failure
+    log = json.loads(html.unescape(found[1]))
+    assert [status for status, _ in log] == [200] * 7
+    assert log[3][1]["email"] == "ann@example.com"  # the session cookie came back
+    assert [m["text"] for m in log[6][1]["messages"]] == ["hello from a browser"]
