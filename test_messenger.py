@@ -128,9 +128,12 @@ def test_crash_is_json_500_without_traceback(app, api):
     assert "Traceback" not in response.text
 
 
-def test_body_is_json_whatever_its_content_type(api):
-    body = json.dumps({"email": "ann@example.com", "password": PASSWORD})
-    response = api.post("/users", body, content_type="text/plain")
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data", "image/png", "application/json; charset=latin-1"])
+def test_body_is_json_whatever_its_content_type(api, content_type):
+    body = json.dumps({"email": "ann@example.com", "password": PASSWORD}).encode()
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = api.request("/users", method="POST", body=body, headers=headers)
     assert response.json["email"] == "ann@example.com"
 
 
@@ -1682,3 +1685,192 @@ def test_browser_on_another_port_uses_the_api_with_cookies(tmp_path):
     assert [status for status, _ in log] == [200] * 7
     assert log[3][1]["email"] == "ann@example.com"  # the session cookie came back
     assert [m["text"] for m in log[6][1]["messages"]] == ["hello from a browser"]
+
+
+# ---------------------------------------------------------------------------
+# Under attack: hostile input, access control, crashes
+# ---------------------------------------------------------------------------
+
+
+def raw_request(server, data):
+    """Send raw bytes, half-close, and read what comes back (b"" if the server just closed)."""
+    answer = b""
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:  # the server answered and closed while we still sent
+            pass
+    return answer
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{\"email\": \"a@b.c\"}", b"400"),
+    (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{}", None),
+    (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", b"400"),
+    (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}", b"400"),
+    (b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"2\r\n{}\r\n0\r\n\r\n", b"400"),
+    (b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n{}", b"501"),
+    (b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+    (b"\x00\x01\x02 nonsense\r\n\r\n", b"400"),
+    (b"GET /users HTTP/1.1\r\nHost: x\r\nCookie: \xff\xfe=\x00; session_id=\xff\r\n\r\n", b"400"),
+], ids=["short-content-length", "long-content-length", "two-content-lengths",
+        "negative-content-length", "content-length-and-chunked", "unknown-transfer-encoding",
+        "bad-chunk", "oversized-header", "garbage", "binary-cookie"])
+def test_server_malformed_http_is_refused_and_server_lives_on(server, data, status):
+    answer = raw_request(server, data)
+    if status is None:
+        assert answer == b""  # the body never came: the connection just ends
+    else:
+        assert answer.split(b" ")[1] == status and b"Traceback" not in answer
+    assert call(server.url + "/nowhere")[0] == 404
+
+
+@pytest.mark.parametrize("text", ["100%", "a_b", "back\\slash", "'; DROP TABLE users; --",
+                                  "Robert'); DELETE FROM messages; --", '"quoted" <b>&amp;</b>'])
+def test_hostile_text_is_stored_and_returned_literally(ann, chat, text):
+    assert send(ann, chat["id"], text)["text"] == text
+    assert ann.get(f"/chats/{chat['id']}/messages").json["messages"][-1]["text"] == text
+    assert ann.put_json(f"/users/{ann.user['id']}", profile(ann, name=text, status=text)).json["name"] == text
+
+
+@pytest.mark.parametrize("username", ["a_b", "a.b", "a__b"])
+def test_search_with_underscore_finds_only_literal_matches(login, username):
+    client = login(username="axb")
+    login(username=username)
+    assert search(client, "_") == ([username] if "_" in username else [])
+
+
+ALL_ROUTES = [("DELETE", "/logout"), ("GET", "/users"), ("GET", "/users/1"), ("GET", "/users/ann"),
+              ("PUT", "/users/1"), ("POST", "/photos"), ("DELETE", "/photos"), ("GET", "/photos/1"),
+              ("POST", "/chats"), ("GET", "/chats"), ("GET", "/chats/1"),
+              ("POST", "/chats/1/messages"), ("GET", "/chats/1/messages"),
+              ("POST", "/chats/1/read"), ("GET", "/updates")]
+
+
+def test_every_session_route_is_listed_here(app):
+    public = {("POST", "/users"), ("POST", "/sign_up"), ("POST", "/login"), ("GET", "/")}
+    routes = {(r.method, re.sub(r"<[^>]+>", "1", r.rule)) for r in app.routes} - public
+    assert routes == {(method, re.sub(r"/ann$", "/1", path)) for method, path in ALL_ROUTES}
+
+
+@pytest.mark.parametrize("method, path", ALL_ROUTES)
+def test_logged_out_session_is_401_everywhere(api, ann, chat, method, path):
+    token = login_cookie(api, "ann@example.com").split(";")[0]
+    api.delete("/logout")
+    fresh = webtest.TestApp(api.app)
+    response = fresh.request(path, method=method, body=b"{}", headers={"Cookie": token}, status=401)
+    assert error(response) == ("not_authorized", None)
+
+
+@pytest.mark.parametrize("method, path", ALL_ROUTES)
+def test_expired_session_is_401_everywhere(app, ann, chat, method, path):
+    with app.db.transaction() as conn:
+        conn.execute("UPDATE sessions SET expires_at = ?", (time.time() - 1,))
+    response = ann.request(path, method=method, body=b"{}", status=401)
+    assert error(response) == ("not_authorized", None)
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/chats/{}", None),
+    ("GET", "/chats/{}/messages", None),
+    ("POST", "/chats/{}/messages", {"text": "intrusion"}),
+    ("POST", "/chats/{}/read", {}),
+])
+def test_outsider_cannot_touch_a_chat(app, login, ann, bob, chat, method, path, body):
+    send(bob, chat["id"], "private")
+    before = query(app, "SELECT * FROM messages"), query(app, "SELECT * FROM chat_members")
+    response = login().request(path.format(chat["id"]), method=method,
+                               body=json.dumps(body).encode() if body else b"", status=400)
+    assert error(response) == ("chat_not_found", None)
+    assert (query(app, "SELECT * FROM messages"), query(app, "SELECT * FROM chat_members")) == before
+
+
+def test_outsider_sees_no_updates_of_a_chat(login, ann, bob, chat):
+    outsider = login()
+    send(bob, chat["id"], "private")
+    bob.post_json(f"/chats/{chat['id']}/read", {})
+    assert updates(outsider) == []
+
+
+def test_outsider_cannot_mark_with_a_foreign_message(login, ann, bob, chat):
+    carl = login()
+    own_chat = carl.post_json("/chats", {"user_id": ann.user["id"]}).json
+    foreign = send(bob, chat["id"], "not yours")["id"]
+    response = carl.post_json(f"/chats/{own_chat['id']}/read", {"message_id": foreign}, status=400)
+    assert error(response) == ("invalid_field", "message_id")
+
+
+def test_login_unknown_email_takes_as_long_as_wrong_password(tmp_path):
+    app = messenger.make_app(str(tmp_path / "t.db"), password_iterations=50_000)
+    api = webtest.TestApp(app)
+    api.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+
+    def seconds(email):
+        started = time.perf_counter()
+        api.post_json("/login", {"email": email, "password": "wrong password"}, status=400)
+        return time.perf_counter() - started
+
+    unknown = statistics.median(seconds(f"who{n}@example.com") for n in range(7))
+    wrong = statistics.median(seconds("ann@example.com") for _ in range(7))
+    app.db.close()
+    # Both run one 50,000-iteration hash (about 12 ms); without it, an unknown
+    # email would answer in well under a millisecond.
+    assert 0.5 < unknown / wrong < 2
+
+
+def test_acknowledged_messages_survive_sigkill(tmp_path):
+    db = str(tmp_path / "crash.db")
+    process, url = start_process(db)
+    ann_id, ann_cookie = process_login(url, "ann@example.com")
+    bob_id, _ = process_login(url, "bob@example.com")
+    chat_id = call(url + "/chats", "POST", {"user_id": bob_id}, ann_cookie)[1]["id"]
+    acknowledged, stop = [], threading.Event()
+
+    def sender():
+        n = 0
+        while not stop.is_set():
+            try:
+                status, body, _ = call(f"{url}/chats/{chat_id}/messages", "POST", {"text": str(n)},
+                                       ann_cookie)
+            except OSError:
+                return  # the server is gone
+            if status == 200:
+                acknowledged.append(body["id"])
+            n += 1
+
+    threads = [threading.Thread(target=sender) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    process.kill()  # SIGKILL, in the middle of the stream
+    process.wait(timeout=10)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    process, url = start_process(db)
+    try:
+        _, cookie = process_login(url, "ann@example.com")
+        stored, after = [], 0
+        while True:
+            body = call(f"{url}/chats/{chat_id}/messages?limit=100&after={after}", cookie=cookie)[1]
+            stored += [message["id"] for message in body["messages"]]
+            if not body["has_more"]:
+                break
+            after = stored[-1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert len(acknowledged) > 10
+    assert len(stored) == len(set(stored))
+    assert set(acknowledged) <= set(stored)
+
+
+def process_login(url, email):
+    call(url + "/users", "POST", {"email": email, "password": PASSWORD})
+    status, user, headers = call(url + "/login", "POST", {"email": email, "password": PASSWORD})
+    return user["id"], headers["Set-Cookie"].split(";")[0]
