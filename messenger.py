@@ -137,6 +137,9 @@ class Database:
         self._idle = []
         self.borrowed = 0  # connections out of the pool right now
         self._lock = threading.Lock()
+        # Writers of this process queue here and are woken at once; SQLite's
+        # busy timeout, which sleeps and retries, is left for other processes.
+        self._write_lock = threading.Lock()
         self._closed = False
         conn = self._open()
         try:
@@ -194,7 +197,7 @@ class Database:
     @contextlib.contextmanager
     def transaction(self):
         """Borrow a connection inside BEGIN IMMEDIATE: commit, or roll back on error."""
-        with self.connection() as conn:
+        with self._write_lock, self.connection() as conn:
             # IMMEDIATE takes the write lock up front, so two writers queue
             # on busy_timeout instead of failing with "database is locked".
             conn.execute("BEGIN IMMEDIATE")
@@ -1365,6 +1368,9 @@ def _with_access_log(app):
 
 def _create_server(app, host, port):
     """A waitress server for `app`, bound and listening, not yet serving."""
+    # waitress warns "Task queue depth is N" whenever every thread is busy:
+    # normal under load, and the logging costs a quarter of the throughput.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
     wsgi = app if app.options["quiet"] else _with_access_log(app)
     return waitress.server.create_server(
