@@ -1407,6 +1407,12 @@ def _run_server(server, stopping):
     workers.join()
 
 
+def _wake(server):
+    """Wake the serving loop so it sees it must stop."""
+    with contextlib.suppress(OSError):  # the loop already stopped and closed its trigger
+        server.pull_trigger()
+
+
 def _url(host, port):
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -1445,7 +1451,7 @@ class Server:
             return
         self._stopping.set()
         self.app.feed.close()
-        self._server.pull_trigger()
+        _wake(self._server)
         self._thread.join()
         self._close_app()
 
@@ -1464,7 +1470,7 @@ def serve(app, host=DEFAULT_HOST, port=DEFAULT_PORT):
     def stop(signum, frame):
         stopping.set()
         app.feed.close()
-        server.pull_trigger()
+        _wake(server)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
