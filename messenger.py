@@ -119,6 +119,16 @@ def _schema_path():
     return os.path.join(sysconfig.get_path("data"), "share", "messenger", "schema.sql")
 
 
+def _has_fts5_trigram(conn):
+    """Whether this SQLite can build FTS5 trigram indexes."""
+    try:
+        conn.execute("CREATE VIRTUAL TABLE temp.probe USING fts5 (x, tokenize = 'trigram')")
+    except sqlite3.OperationalError:
+        return False
+    conn.execute("DROP TABLE temp.probe")
+    return True
+
+
 class Database:
     """SQLite connections for one app, shared safely by the server's threads.
 
@@ -172,8 +182,13 @@ class Database:
             )
         if version == 0:
             with open(_schema_path(), encoding="utf-8") as f:
-                schema = f.read()
-            conn.executescript("BEGIN IMMEDIATE;\n" + schema + "\nCOMMIT;")
+                schema, _, search_index = f.read().partition("-- search-index\n")
+            if not _has_fts5_trigram(conn):
+                search_index = ""
+            conn.executescript("BEGIN IMMEDIATE;\n" + schema + search_index + "\nCOMMIT;")
+        self.search_index = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'users_search'"
+        ).fetchone() is not None
 
     @contextlib.contextmanager
     def connection(self):
@@ -701,16 +716,29 @@ def _search_users(query):
         raise _invalid("query", f"A search is at most {MAX_SEARCH_CHARS} characters long.")
     if _has_control(query):
         raise _invalid("query", "A search must not contain control characters.")
-    key = query.casefold()
-    with bottle.request.app.db.connection() as conn:
-        # instr() takes % _ \ literally, where LIKE would treat them as wildcards.
-        rows = conn.execute(
-            "SELECT * FROM users WHERE instr(username_key, ?) > 0"
-            " ORDER BY username_key <> ?, substr(username_key, 1, ?) <> ?, username_key"
-            " LIMIT ? OFFSET ?",
-            (key, key, len(key), key, limit, offset),
-        ).fetchall()
+    db = bottle.request.app.db
+    with db.connection() as conn:
+        rows = find_users(conn, query.casefold(), limit, offset, db.search_index)
     return {"users": [_user_json(row) for row in rows]}
+
+
+def find_users(conn, key, limit, offset, use_index=True):
+    """Users whose casefolded username contains `key`: exact, then prefix, then the rest."""
+    order = (" ORDER BY u.username_key <> ?, substr(u.username_key, 1, ?) <> ?, u.username_key"
+             " LIMIT ? OFFSET ?")
+    if use_index and len(key) >= 3:
+        # A quoted FTS5 string: every character in it is literal.
+        phrase = '"' + key.replace('"', '""') + '"'
+        return conn.execute(
+            "SELECT u.* FROM users_search JOIN users AS u ON u.id = users_search.rowid"
+            " WHERE users_search MATCH ?" + order,
+            (phrase, key, len(key), key, limit, offset),
+        ).fetchall()
+    # instr() takes % _ \ literally, where LIKE would treat them as wildcards.
+    return conn.execute(
+        "SELECT * FROM users AS u WHERE instr(u.username_key, ?) > 0" + order,
+        (key, key, len(key), key, limit, offset),
+    ).fetchall()
 
 
 @route("GET", "/users/<user>")

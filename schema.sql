@@ -81,3 +81,24 @@ CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id);
 CREATE INDEX IF NOT EXISTS updates_by_age ON updates (created_at);
 
 PRAGMA user_version = 1;
+
+-- search-index
+-- What follows runs only where SQLite has FTS5 (3.34+ for trigrams). It
+-- indexes every three-character piece of each casefolded username, so a
+-- search of 3+ characters finds its matches without reading every user;
+-- shorter searches, and SQLite without FTS5, scan with instr().
+CREATE VIRTUAL TABLE IF NOT EXISTS users_search USING fts5 (
+    username_key, content = 'users', content_rowid = 'id', tokenize = 'trigram case_sensitive 1'
+);
+CREATE TRIGGER IF NOT EXISTS users_search_insert AFTER INSERT ON users BEGIN
+    INSERT INTO users_search (rowid, username_key) VALUES (new.id, new.username_key);
+END;
+CREATE TRIGGER IF NOT EXISTS users_search_delete AFTER DELETE ON users BEGIN
+    INSERT INTO users_search (users_search, rowid, username_key)
+    VALUES ('delete', old.id, old.username_key);
+END;
+CREATE TRIGGER IF NOT EXISTS users_search_update AFTER UPDATE OF username_key ON users BEGIN
+    INSERT INTO users_search (users_search, rowid, username_key)
+    VALUES ('delete', old.id, old.username_key);
+    INSERT INTO users_search (rowid, username_key) VALUES (new.id, new.username_key);
+END;

@@ -577,6 +577,44 @@ def test_search_takes_wildcards_literally(login, text):
     assert search(client, text) == expected
 
 
+SEARCH_USERNAMES = ["ann", "Anna", "xannx", "joanna", "ЁЖИК", "ёжик_2", "a_b", "a.b", "ab_c",
+                    "ANNA.B", "straße", "user100", "user1000", "quote_me"]
+
+
+@pytest.fixture
+def many_users(app):
+    with app.db.transaction() as conn:
+        for n, username in enumerate(SEARCH_USERNAMES):
+            conn.execute(
+                "INSERT INTO users (email, email_key, username, username_key, password_hash,"
+                " created_at) VALUES (?, ?, ?, ?, 'x', '')",
+                (f"{n}@example.com", f"{n}@example.com", username, username.casefold()),
+            )
+    return app
+
+
+def test_search_index_is_built_where_sqlite_has_fts5(app):
+    assert app.db.search_index  # Python's own SQLite builds have FTS5
+
+
+@pytest.mark.parametrize("query", ["ann", "ANN", "anna", "nna", "ёжи", "ЁЖИК_2", "a_b", "_b_",
+                                   "b_c", ".b", "ss", "strasse", "STRASSE", "user100", "ser10",
+                                   "zzz", '"qu', "e_me", "%", "an", "a"])
+@pytest.mark.parametrize("limit, offset", [(50, 0), (2, 1)])
+def test_search_index_and_scan_agree(many_users, query, limit, offset):
+    key = query.casefold()
+    with many_users.db.connection() as conn:
+        indexed = [row["username"] for row in messenger.find_users(conn, key, limit, offset, True)]
+        scanned = [row["username"] for row in messenger.find_users(conn, key, limit, offset, False)]
+    assert indexed == scanned
+
+
+def test_search_index_follows_username_changes(ann, login):
+    client = login(username="zed")
+    ann.put_json(f"/users/{ann.user['id']}", profile(ann, username="marigold"))
+    assert (search(client, "ann"), search(client, "rigo")) == ([], ["marigold"])
+
+
 def test_search_pages_with_limit_and_offset(login):
     client = login(username="zed")
     for n in range(5):
