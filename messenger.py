@@ -69,6 +69,9 @@ MAX_PHOTO_BYTES = 5 * 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024  # what a photo upload may add to the file
 MAX_ID = 2**63 - 1  # SQLite's largest integer
 MAX_SEARCH_CHARS = 64
+# Up to this many matches, a search sorts them all; past it, walking the
+# username index in order finds a page sooner.
+SORTED_SEARCH_MATCHES = 1000
 MAX_MESSAGE_CHARS = 4096
 DEFAULT_PAGE = 50
 MAX_PAGE = 100
@@ -724,21 +727,35 @@ def _search_users(query):
 
 def find_users(conn, key, limit, offset, use_index=True):
     """Users whose casefolded username contains `key`: exact, then prefix, then the rest."""
-    order = (" ORDER BY u.username_key <> ?, substr(u.username_key, 1, ?) <> ?, u.username_key"
-             " LIMIT ? OFFSET ?")
     if use_index and len(key) >= 3:
         # A quoted FTS5 string: every character in it is literal.
         phrase = '"' + key.replace('"', '""') + '"'
-        return conn.execute(
-            "SELECT u.* FROM users_search JOIN users AS u ON u.id = users_search.rowid"
-            " WHERE users_search MATCH ?" + order,
-            (phrase, key, len(key), key, limit, offset),
-        ).fetchall()
-    # instr() takes % _ \ literally, where LIKE would treat them as wildcards.
-    return conn.execute(
-        "SELECT * FROM users AS u WHERE instr(u.username_key, ?) > 0" + order,
-        (key, key, len(key), key, limit, offset),
+        matches = conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM users_search WHERE users_search MATCH ? LIMIT ?)",
+            (phrase, SORTED_SEARCH_MATCHES + 1),
+        ).fetchone()[0]
+        if matches <= SORTED_SEARCH_MATCHES:
+            return conn.execute(
+                "SELECT u.* FROM users_search JOIN users AS u ON u.id = users_search.rowid"
+                " WHERE users_search MATCH ? ORDER BY u.username_key <> ?,"
+                " substr(u.username_key, 1, ?) <> ?, u.username_key LIMIT ? OFFSET ?",
+                (phrase, key, len(key), key, limit, offset),
+            ).fetchall()
+    # Many matches (or no index): walk the username index in order, one group
+    # at a time, and stop as soon as the page is full. instr() takes % _ \
+    # literally, where LIKE would treat them as wildcards.
+    end = offset + limit
+    rows = conn.execute("SELECT * FROM users WHERE username_key = ?", (key,)).fetchall()
+    rows += conn.execute(
+        "SELECT * FROM users WHERE username_key > ? AND username_key < ?"
+        " ORDER BY username_key LIMIT ?",
+        (key, key + "\U0010ffff", end),  # every string that starts with key sorts in between
     ).fetchall()
+    rows += conn.execute(
+        "SELECT * FROM users WHERE instr(username_key, ?) > 1 ORDER BY username_key LIMIT ?",
+        (key, end),
+    ).fetchall()
+    return rows[offset:end]
 
 
 @route("GET", "/users/<user>")
@@ -909,9 +926,7 @@ CHAT_QUERY = """
     SELECT c.id, c.user_low, c.user_high, c.created_at,
            other.name AS other_name, other.username AS other_username,
            last.id AS last_id, last.chat_id AS last_chat_id, last.author_id AS last_author_id,
-           last.text AS last_text, last.created_at AS last_created_at,
-           (SELECT COUNT(*) FROM messages
-             WHERE chat_id = c.id AND id > m.last_read_id AND author_id <> m.user_id) AS unread_count
+           last.text AS last_text, last.created_at AS last_created_at, m.unread_count
       FROM chat_members AS m
       JOIN chats AS c ON c.id = m.chat_id
       JOIN users AS other ON other.id = CASE WHEN c.user_low = m.user_id
@@ -920,17 +935,14 @@ CHAT_QUERY = """
 """
 
 
-def _message_json(row, prefix=""):
-    fields = ("id", "chat_id", "author_id", "text", "created_at")
-    return {field: row[prefix + field] for field in fields}
-
-
 def _chat_json(row):
     return {
         "id": row["id"],
         "name": row["other_name"] or row["other_username"],
         "members": [row["user_low"], row["user_high"]],
-        "last_message": _message_json(row, "last_") if row["last_id"] else None,
+        "last_message": {field: row["last_" + field]
+                         for field in ("id", "chat_id", "author_id", "text", "created_at")}
+                        if row["last_id"] else None,
         "unread_count": row["unread_count"],
         "created_at": row["created_at"],
     }
@@ -997,9 +1009,15 @@ def get_chat(chat_id):
         return _load_chat(conn, me, chat_id)
 
 
-def _chat_members(conn, chat_id):
-    row = conn.execute("SELECT user_low, user_high FROM chats WHERE id = ?", (chat_id,)).fetchone()
-    return list(row)
+def _members(conn, me, chat_id):
+    """The two members of a chat of `me`, or raise chat_not_found (also when `me` is not in it)."""
+    row = conn.execute(
+        "SELECT user_low, user_high FROM chats WHERE id = ? AND ? IN (user_low, user_high)",
+        (chat_id, me),
+    ).fetchone()
+    if row is None:
+        raise error(400, "chat_not_found", "There is no chat with this id.")
+    return tuple(row)
 
 
 def _message_text(body):
@@ -1020,7 +1038,7 @@ def send_message(chat_id):
     chat_id = _path_id(chat_id)
     text = _message_text(_json_body())
     with bottle.request.app.db.transaction() as conn:
-        _load_chat(conn, me, chat_id)
+        members = _members(conn, me, chat_id)
         now = _iso(_now())
         message_id = conn.execute(
             "INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
@@ -1031,14 +1049,19 @@ def send_message(chat_id):
             " activity = (SELECT max(activity) + 1 FROM chats) WHERE id = ?",
             (message_id, chat_id),
         )
+        other = members[0] if members[1] == me else members[1]
         conn.execute(
-            "UPDATE chat_members SET last_read_id = ? WHERE user_id = ? AND chat_id = ?",
+            "UPDATE chat_members SET last_read_id = ?, unread_count = 0"
+            " WHERE user_id = ? AND chat_id = ?",
             (message_id, me, chat_id),
+        )
+        conn.execute(
+            "UPDATE chat_members SET unread_count = unread_count + 1 WHERE user_id = ? AND chat_id = ?",
+            (other, chat_id),
         )
         message = {"id": message_id, "chat_id": chat_id, "author_id": me, "text": text,
                    "created_at": now}
-        _add_updates(conn, {user: {"type": "message", "message": message}
-                            for user in _chat_members(conn, chat_id)})
+        _add_updates(conn, {user: {"type": "message", "message": message} for user in members})
     bottle.request.app.feed.publish()
     return message
 
@@ -1054,19 +1077,21 @@ def list_messages(chat_id):
     if before is not None and after is not None:
         raise _invalid("before", "Give at most one of 'before' and 'after'.")
     with bottle.request.app.db.connection() as conn:
-        _load_chat(conn, me, chat_id)
+        _members(conn, me, chat_id)
         if after is not None:
             rows = conn.execute(
-                "SELECT * FROM messages WHERE chat_id = ? AND id > ? ORDER BY id LIMIT ?",
+                "SELECT id, chat_id, author_id, text, created_at FROM messages"
+                " WHERE chat_id = ? AND id > ? ORDER BY id LIMIT ?",
                 (chat_id, after, limit + 1),
             ).fetchall()
         else:
             rows = conn.execute(
-                "SELECT * FROM messages WHERE chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                "SELECT id, chat_id, author_id, text, created_at FROM messages"
+                " WHERE chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
                 (chat_id, MAX_ID if before is None else before, limit + 1),
             ).fetchall()
     page = rows[:limit] if after is not None else rows[:limit][::-1]
-    return {"messages": [_message_json(row) for row in page], "has_more": len(rows) > limit}
+    return {"messages": [dict(row) for row in page], "has_more": len(rows) > limit}
 
 
 @route("POST", "/chats/<chat_id>/read")
@@ -1076,7 +1101,7 @@ def mark_read(chat_id):
     chat_id = _path_id(chat_id)
     message_id = _json_int(_json_body(), "message_id", required=False)
     with bottle.request.app.db.transaction() as conn:
-        _load_chat(conn, me, chat_id)
+        members = _members(conn, me, chat_id)
         if message_id is None:
             message_id = conn.execute(
                 "SELECT last_message_id FROM chats WHERE id = ?", (chat_id,)
@@ -1086,14 +1111,17 @@ def mark_read(chat_id):
         ).fetchone():
             raise _invalid("message_id", "'message_id' is not a message of this chat.")
         moved = conn.execute(
-            "UPDATE chat_members SET last_read_id = ? WHERE user_id = ? AND chat_id = ?"
-            " AND last_read_id < ?",
-            (message_id, me, chat_id, message_id),
+            "UPDATE chat_members SET last_read_id = ?, unread_count ="
+            " (SELECT count(*) FROM messages WHERE chat_id = ? AND id > ? AND author_id <> ?)"
+            " WHERE user_id = ? AND chat_id = ? AND last_read_id < ?",
+            (message_id, chat_id, message_id, me, me, chat_id, message_id),
         ).rowcount
         if moved:
             event = {"type": "read", "chat_id": chat_id, "user_id": me, "message_id": message_id}
-            _add_updates(conn, {user: event for user in _chat_members(conn, chat_id) if user != me})
-        unread_count = _load_chat(conn, me, chat_id)["unread_count"]
+            _add_updates(conn, {user: event for user in members if user != me})
+        unread_count = conn.execute(
+            "SELECT unread_count FROM chat_members WHERE user_id = ? AND chat_id = ?", (me, chat_id)
+        ).fetchone()[0]
     if moved:
         bottle.request.app.feed.publish()
     return {"unread_count": unread_count}
@@ -1257,6 +1285,11 @@ def seed_demo(app):
             conn.execute("INSERT OR IGNORE INTO chat_members (user_id, chat_id) VALUES (?, ?), (?, ?)",
                          (low, chat_id, high, chat_id))
             conn.execute("UPDATE chats SET last_message_id = ? WHERE id = ?", (message_id, chat_id))
+        conn.execute(
+            "UPDATE chat_members SET unread_count = (SELECT count(*) FROM messages AS m"
+            " WHERE m.chat_id = chat_members.chat_id AND m.id > chat_members.last_read_id"
+            " AND m.author_id <> chat_members.user_id)"
+        )
     return True
 
 

@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS chat_members (
     user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     chat_id      INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
     last_read_id INTEGER NOT NULL DEFAULT 0,
+    -- the other member's messages after last_read_id, kept up to date by
+    -- every send and read, so that listing chats never counts messages
+    unread_count INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, chat_id)
 ) WITHOUT ROWID;
 

@@ -1,0 +1,408 @@
+"""Performance of messenger, as ratios to the framework's own ceiling, measured in one run.
+
+    python bench/perf.py              # about four minutes
+    python bench/perf.py --quick      # smaller data and shorter runs, for a first look
+
+The ceiling is a bare Bottle route that returns a small JSON object, served
+by the same waitress configuration and loaded by the same client in the same
+run. Servers run in their own processes; with two or more cores the server is
+pinned to one core and the load generator to another. The load generator is
+wrk (Debian's `wrk` package) when it is installed, else a Python client; the
+report says which. Nothing here is a pass/fail test: it prints the figures
+and how they compare with the goals.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+import messenger  # noqa: E402  (this checkout's, not an installed one)
+
+PASSWORD = "benchmark password"
+BENCH_ITERATIONS = 1000  # logins are not what this measures
+WORDS = ["anna", "boris", "chen", "dmitri", "elena", "farid", "gosha", "hana", "ivan", "julia",
+         "kofi", "lena", "maria", "nikolai", "olga", "pavel", "qiu", "rosa", "sasha", "tomas"]
+
+
+# ---------------------------------------------------------------------------
+# Servers in their own processes
+# ---------------------------------------------------------------------------
+
+
+def serve(kind, db, synchronous, cpu, threads):
+    """The --serve mode: run one server in this process and print its URL."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    if kind == "ceiling":
+        app = messenger.bottle.Bottle()
+        app.route("/ping", callback=lambda: {"ok": True})
+        app.options = {"quiet": True, "threads": threads, "max_photo_bytes": messenger.MAX_PHOTO_BYTES}
+    else:
+        if synchronous != "NORMAL":
+            open_connection = messenger.Database._open
+
+            def _open(self):
+                conn = open_connection(self)
+                conn.execute(f"PRAGMA synchronous = {synchronous}")
+                return conn
+
+            messenger.Database._open = _open
+        app = messenger.make_app(db, password_iterations=BENCH_ITERATIONS, quiet=True, threads=threads)
+    server = messenger._create_server(app, "127.0.0.1", 0)
+    print(f"http://127.0.0.1:{server.effective_port}", flush=True)
+    messenger._run_server(server, threading.Event())
+
+
+class Server:
+    """A server process of this script's --serve mode."""
+
+    def __init__(self, kind, db=":memory:", synchronous="NORMAL", cpu=None, threads=16):
+        command = [sys.executable, __file__, "--serve", kind, "--db", db, "--synchronous", synchronous,
+                   "--threads", str(threads)]
+        if cpu is not None:
+            command += ["--cpu", str(cpu)]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.url = self.process.stdout.readline().strip()
+        self.host, self.port = re.match(r"http://([\d.]+):(\d+)", self.url).groups()
+
+    def call(self, method, path, body=None, cookie=None):
+        connection = http.client.HTTPConnection(self.host, int(self.port), timeout=60)
+        headers = {"Cookie": cookie} if cookie else {}
+        connection.request(method, path, None if body is None else json.dumps(body), headers)
+        response = connection.getresponse()
+        data = json.loads(response.read() or b"null")
+        cookie = (response.getheader("Set-Cookie") or "").split(";")[0]
+        connection.close()
+        return response.status, data, cookie
+
+    def login(self, email, register=True):
+        if register:
+            self.call("POST", "/users", {"email": email, "password": PASSWORD})
+        status, user, cookie = self.call("POST", "/login", {"email": email, "password": PASSWORD})
+        assert status == 200, user
+        return user["id"], cookie
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------
+# Load generators
+# ---------------------------------------------------------------------------
+
+
+def load(url, seconds, connections, cookie=None, post=None, cpu=None):
+    """Requests per second and p99 latency (ms) of one URL under load."""
+    if shutil.which("wrk"):
+        return wrk(url, seconds, connections, cookie, post, cpu)
+    return python_load(url, seconds, connections, cookie, post)
+
+
+def wrk(url, seconds, connections, cookie, post, cpu):
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if cookie:
+        command += ["-H", f"Cookie: {cookie}"]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        if post is not None:
+            script.write(f"wrk.method = 'POST'\nwrk.body = {json.dumps(json.dumps(post))}\n")
+            command += ["-s", script.name]
+    pin = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
+    output = subprocess.run(command + [url], capture_output=True, text=True, preexec_fn=pin).stdout
+    os.unlink(script.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])
+    value, unit = re.search(r"99%\s+([\d.]+)(us|ms|s)", output).groups()
+    p99 = float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if errors:
+        print(f"    ({errors[1]} non-2xx answers from {url})")
+    return rps, p99
+
+
+def python_load(url, seconds, connections, cookie, post):
+    host, port, path = re.match(r"http://([\d.]+):(\d+)(.*)", url).groups()
+    latencies, lock = [], threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def run():
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        headers = {"Cookie": cookie} if cookie else {}
+        mine = []
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            connection.request("POST" if post else "GET", path,
+                               json.dumps(post) if post else None, headers)
+            connection.getresponse().read()
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=run) for _ in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    latencies.sort()
+    return len(latencies) / seconds, latencies[int(len(latencies) * 0.99)] * 1000
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def small_world(server, dialogs=20, history=60):
+    """A user with `dialogs` dialogs, one of them `history` messages long: (cookie, chat id)."""
+    me, cookie = server.login("me@example.com")
+    chats = []
+    for n in range(dialogs):
+        other, other_cookie = server.login(f"friend{n}@example.com")
+        chat_id = server.call("POST", "/chats", {"user_id": other}, cookie)[1]["id"]
+        server.call("POST", f"/chats/{chat_id}/messages", {"text": "hello there"}, other_cookie)
+        chats.append(chat_id)
+    for n in range(history):
+        server.call("POST", f"/chats/{chats[0]}/messages", {"text": f"message {n}"}, cookie)
+    return cookie, chats[0]
+
+
+def big_world(path, users, dialogs, messages):
+    """Generate a large database straight into SQLite; user 1 has 20 of the dialogs."""
+    messenger.make_app(path, password_iterations=BENCH_ITERATIONS).db.close()
+    password_hash = messenger.hash_password(PASSWORD, BENCH_ITERATIONS)
+    rng = random.Random(7)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("BEGIN")
+    stamp = "2026-01-01T00:00:00.000Z"
+
+    def user_rows():
+        for n in range(1, users + 1):
+            username = "me" if n == 1 else f"{rng.choice(WORDS)}_{rng.choice(WORDS)}{n}"
+            yield n, f"u{n}@example.com", f"u{n}@example.com", username, username, password_hash, stamp
+
+    conn.executemany("INSERT INTO users (id, email, email_key, username, username_key, password_hash,"
+                     " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", user_rows())
+    pairs = [(1, n) for n in range(2, 22)]
+    seen = set(pairs)
+    while len(pairs) < dialogs:
+        pair = tuple(sorted(rng.sample(range(2, users + 1), 2)))
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+    conn.executemany("INSERT INTO chats (id, user_low, user_high, created_at, activity)"
+                     " VALUES (?, ?, ?, ?, ?)",
+                     ((n, low, high, stamp, n) for n, (low, high) in enumerate(pairs, 1)))
+    conn.executemany("INSERT INTO chat_members (user_id, chat_id) VALUES (?, ?)",
+                     ((user, n) for n, pair in enumerate(pairs, 1) for user in pair))
+    per_chat = messages // dialogs
+    conn.executemany(
+        "INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
+        ((n % dialogs + 1, pairs[n % dialogs][n // dialogs % 2], f"message {n} of the benchmark", stamp)
+         for n in range(per_chat * dialogs)),
+    )
+    conn.execute("UPDATE chats SET last_message_id ="
+                 " (SELECT max(id) FROM messages WHERE messages.chat_id = chats.id)")
+    conn.execute("COMMIT")
+    conn.close()
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------
+
+
+def ratio_line(name, rps, p99, ceiling, goal=None):
+    ratio = rps / ceiling
+    verdict = "" if goal is None else f"  goal >= {goal:.2f}: {'met' if ratio >= goal else 'MISSED'}"
+    print(f"  {name:<34} {rps:8.0f} req/s  p99 {p99:7.1f} ms  {ratio:5.2f} of ceiling{verdict}")
+
+
+def throughput(args, cpus):
+    print(f"\n1. Throughput, {args.connections} connections, {args.seconds} s each")
+    server_cpu, client_cpu = cpus
+    ceiling_server = Server("ceiling", cpu=server_cpu)
+    ceiling, p99 = load(ceiling_server.url + "/ping", args.seconds, args.connections, cpu=client_cpu)
+    ceiling_server.stop()
+    ratio_line("ceiling: bare Bottle JSON route", ceiling, p99, ceiling)
+    results = {}
+    for synchronous in ("NORMAL", "FULL"):
+        workdir = tempfile.mkdtemp(prefix="messenger-perf-")
+        server = Server("messenger", os.path.join(workdir, "perf.db"), synchronous, server_cpu)
+        cookie, chat_id = small_world(server)
+        cases = [("GET /users", "/users", None, 0.60),
+                 ("GET /chats (20 dialogs)", "/chats", None, 0.50),
+                 ("GET 50-message history page", f"/chats/{chat_id}/messages?limit=50", None, 0.50),
+                 ("POST /chats/{id}/messages", f"/chats/{chat_id}/messages", {"text": "benchmark"}, 0.35)]
+        if synchronous == "FULL":
+            cases = cases[3:]
+        for name, path, post, goal in cases:
+            rps, p99 = load(server.url + path, args.seconds, args.connections, cookie, post, client_cpu)
+            label = name if synchronous == "NORMAL" else name + " (synchronous=FULL)"
+            ratio_line(label, rps, p99, ceiling, goal if synchronous == "NORMAL" else None)
+            results[label] = rps
+        server.stop()
+        shutil.rmtree(workdir)
+    full = results["POST /chats/{id}/messages (synchronous=FULL)"] / results["POST /chats/{id}/messages"]
+    print(f"  synchronous=FULL keeps {full:.2f} of the sends per second of NORMAL")
+    return ceiling
+
+
+def scaling(args, cpus):
+    users, dialogs, messages = (100_000, 1_000, 100_000) if args.quick else (1_000_000, 10_000, 1_000_000)
+    print(f"\n2. Cost as data grows: {users:,} users, {dialogs:,} dialogs, {messages:,} messages")
+    workdir = tempfile.mkdtemp(prefix="messenger-perf-")
+    started = time.monotonic()
+    big_world(os.path.join(workdir, "big.db"), users, dialogs, messages)
+    print(f"  generated in {time.monotonic() - started:.1f} s")
+    big_world(os.path.join(workdir, "small.db"), 21, 20, 20 * 60)
+    server_cpu, client_cpu = cpus
+    timings = {}
+    for size in ("small", "big"):
+        server = Server("messenger", os.path.join(workdir, f"{size}.db"), cpu=server_cpu)
+        _, cookie = server.login("u1@example.com", register=False)
+        for name, path in (("GET /chats", "/chats"), ("history page", "/chats/1/messages?limit=50")):
+            rps, p99 = load(server.url + path, args.seconds, args.connections, cookie, cpu=client_cpu)
+            timings[size, name] = (rps, p99)
+        if size == "big":
+            search_medians(server, cookie, os.path.join(workdir, "big.db"), args)
+        server.stop()
+    for name in ("GET /chats", "history page"):
+        (small_rps, _), (big_rps, big_p99) = timings["small", name], timings["big", name]
+        cost = small_rps / big_rps
+        print(f"  {name:<14} near-empty {small_rps:7.0f} req/s, large {big_rps:7.0f} req/s"
+              f" (p99 {big_p99:.1f} ms): {cost:.2f}x the time; goal <= 1.5x:"
+              f" {'met' if cost <= 1.5 else 'MISSED'}")
+    shutil.rmtree(workdir)
+
+
+def search_medians(server, cookie, path, args):
+    conn = sqlite3.connect(path)
+    usernames = [row[0] for row in conn.execute("SELECT username FROM users ORDER BY random() LIMIT 200")]
+    conn.close()
+    rng = random.Random(3)
+    for length in (3, 4, 6):
+        queries = []
+        for username in usernames:
+            start = rng.randrange(max(1, len(username) - length))
+            queries.append(username[start:start + length])
+        seconds = []
+        for query in queries:
+            started = time.perf_counter()
+            status, body, _ = server.call("GET", "/users/" + query, cookie=cookie)
+            seconds.append(time.perf_counter() - started)
+            assert status == 200, body
+        median = statistics.median(seconds) * 1000
+        print(f"  search, {length}-character queries: median {median:.2f} ms,"
+              f" p90 {sorted(seconds)[int(len(seconds) * 0.9)] * 1000:.2f} ms"
+              f" (goal for 3+ characters: median <= 5 ms: {'met' if median <= 5 else 'MISSED'})")
+
+
+def startup():
+    print("\n3. Start-up and idle memory")
+    times, rss = [], []
+    for _ in range(5):
+        started = time.monotonic()
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "..", "messenger.py"),
+                                    "--port", "0", "--db", ":memory:", "--quiet"],
+                                   stdout=subprocess.PIPE, text=True)
+        url = re.search(r"http://\S+?(?=/ )", process.stdout.readline())[0]
+        host, port = re.match(r"http://([\d.]+):(\d+)", url).groups()
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.request("GET", "/")
+        connection.getresponse().read()
+        times.append(time.monotonic() - started)
+        time.sleep(0.5)
+        with open(f"/proc/{process.pid}/status") as f:
+            rss.append(int(re.search(r"VmRSS:\s+(\d+)", f.read())[1]) / 1024)
+        process.terminate()
+        process.wait(timeout=10)
+    median = statistics.median(times)
+    print(f"  launch to first answer: median {median * 1000:.0f} ms of 5 (goal <= 300 ms:"
+          f" {'met' if median <= 0.3 else 'MISSED'})")
+    print(f"  idle RSS: {statistics.median(rss):.1f} MiB (goal <= 35 MiB:"
+          f" {'met' if statistics.median(rss) <= 35 else 'MISSED'})")
+
+
+def wake_up(tries):
+    print(f"\n4. Long-poll wake-up, {tries} tries")
+    server = Server("messenger")
+    _, ann = server.login("ann@example.com")
+    bob_id, bob = server.login("bob@example.com")
+    chat_id = server.call("POST", "/chats", {"user_id": bob_id}, ann)[1]["id"]
+    offset = server.call("GET", "/updates", cookie=ann)[1]["updates"][-1]["update_id"] + 1
+    delays = []
+    for _ in range(tries):
+        answer = {}
+
+        def poll():
+            answer["body"] = server.call("GET", f"/updates?timeout=10&offset={offset}", cookie=ann)[1]
+            answer["at"] = time.perf_counter()
+
+        thread = threading.Thread(target=poll)
+        thread.start()
+        time.sleep(0.02)
+        sent = time.perf_counter()
+        server.call("POST", f"/chats/{chat_id}/messages", {"text": "wake up"}, bob)
+        thread.join()
+        delays.append(answer["at"] - sent)
+        offset = answer["body"]["updates"][-1]["update_id"] + 1
+    server.stop()
+    delays.sort()
+    median, p99 = statistics.median(delays) * 1000, delays[int(len(delays) * 0.99)] * 1000
+    print(f"  from posting to the poll's return: median {median:.1f} ms, p99 {p99:.1f} ms"
+          f" (goals 20 ms and 100 ms: {'met' if median <= 20 and p99 <= 100 else 'MISSED'})")
+
+
+def pinning(args):
+    print("\n5. Two cores: 64 connections, server pinned to one core or free on all")
+    for label, cpu in (("pinned", 0), ("unpinned", None)):
+        for name, kind, path in (("ceiling", "ceiling", "/ping"), ("GET /users", "messenger", "/users")):
+            server = Server(kind, cpu=cpu)
+            cookie = server.login("me@example.com")[1] if kind == "messenger" else None
+            rps, p99 = load(server.url + path, args.seconds, 64, cookie)
+            server.stop()
+            print(f"  {label:<9} {name:<11} {rps:8.0f} req/s  p99 {p99:8.1f} ms")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller data, shorter runs")
+    parser.add_argument("--seconds", type=int, default=None, help="length of each load run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--serve", choices=["ceiling", "messenger"], help=argparse.SUPPRESS)
+    parser.add_argument("--db", default=":memory:", help=argparse.SUPPRESS)
+    parser.add_argument("--synchronous", default="NORMAL", help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=16, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        return serve(args.serve, args.db, args.synchronous, args.cpu, args.threads)
+    args.seconds = args.seconds or (3 if args.quick else 5)
+    available = sorted(os.sched_getaffinity(0))
+    cpus = (available[0], available[1]) if len(available) >= 2 else (None, None)
+    print(f"messenger {messenger.__version__}, Python {sys.version.split()[0]},"
+          f" SQLite {sqlite3.sqlite_version}, {os.cpu_count()} cores;"
+          f" load from {'wrk' if shutil.which('wrk') else 'a Python client (install wrk for better figures)'};"
+          f" server on core {cpus[0]}, load on core {cpus[1]}")
+    throughput(args, cpus)
+    scaling(args, cpus)
+    startup()
+    wake_up(50 if args.quick else 200)
+    pinning(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
