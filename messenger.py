@@ -922,11 +922,18 @@ def get_photo(user_id):
 # Chats and messages
 # ---------------------------------------------------------------------------
 
+# SQLite writes the JSON of chats and messages itself: in C, and with no
+# Python dict per row, that is a third of what building them in Python costs.
 CHAT_QUERY = """
-    SELECT c.id, c.user_low, c.user_high, c.created_at,
-           other.name AS other_name, other.username AS other_username,
-           last.id AS last_id, last.chat_id AS last_chat_id, last.author_id AS last_author_id,
-           last.text AS last_text, last.created_at AS last_created_at, m.unread_count
+    SELECT json_object(
+               'id', c.id,
+               'name', coalesce(nullif(other.name, ''), other.username),
+               'members', json_array(c.user_low, c.user_high),
+               'last_message', CASE WHEN last.id IS NOT NULL THEN json_object(
+                   'id', last.id, 'chat_id', last.chat_id, 'author_id', last.author_id,
+                   'text', last.text, 'created_at', last.created_at) END,
+               'unread_count', m.unread_count,
+               'created_at', c.created_at)
       FROM chat_members AS m
       JOIN chats AS c ON c.id = m.chat_id
       JOIN users AS other ON other.id = CASE WHEN c.user_low = m.user_id
@@ -935,25 +942,22 @@ CHAT_QUERY = """
 """
 
 
-def _chat_json(row):
-    return {
-        "id": row["id"],
-        "name": row["other_name"] or row["other_username"],
-        "members": [row["user_low"], row["user_high"]],
-        "last_message": {field: row["last_" + field]
-                         for field in ("id", "chat_id", "author_id", "text", "created_at")}
-                        if row["last_id"] else None,
-        "unread_count": row["unread_count"],
-        "created_at": row["created_at"],
-    }
+def _json_text(text):
+    """Answer JSON text that is already written (by SQLite), as is."""
+    bottle.response.content_type = JSON_TYPE
+    return text
 
 
-def _load_chat(conn, me, chat_id):
-    """The chat as `me` sees it, or raise chat_not_found (also when `me` is not a member)."""
+def _chat_text(conn, me, chat_id):
+    """The chat's JSON as `me` sees it, or raise chat_not_found (also when `me` is not in it)."""
     row = conn.execute(CHAT_QUERY + " WHERE m.user_id = ? AND m.chat_id = ?", (me, chat_id)).fetchone()
     if row is None:
         raise error(400, "chat_not_found", "There is no chat with this id.")
-    return _chat_json(row)
+    return row[0]
+
+
+def _load_chat(conn, me, chat_id):
+    return json.loads(_chat_text(conn, me, chat_id))
 
 
 @route("POST", "/chats")
@@ -997,7 +1001,7 @@ def list_chats():
         rows = conn.execute(
             CHAT_QUERY + " WHERE m.user_id = ? ORDER BY c.activity DESC", (me,)
         ).fetchall()
-    return {"chats": [_chat_json(row) for row in rows]}
+    return _json_text('{"chats": [' + ",".join(row[0] for row in rows) + "]}")
 
 
 @route("GET", "/chats/<chat_id>")
@@ -1006,7 +1010,7 @@ def get_chat(chat_id):
     me = _me()
     chat_id = _path_id(chat_id)
     with bottle.request.app.db.connection() as conn:
-        return _load_chat(conn, me, chat_id)
+        return _json_text(_chat_text(conn, me, chat_id))
 
 
 def _members(conn, me, chat_id):
@@ -1066,6 +1070,10 @@ def send_message(chat_id):
     return message
 
 
+MESSAGE_JSON = ("json_object('id', id, 'chat_id', chat_id, 'author_id', author_id,"
+                " 'text', text, 'created_at', created_at)")
+
+
 @route("GET", "/chats/<chat_id>/messages")
 def list_messages(chat_id):
     """A page of a chat's messages, oldest first: the newest, or ?before= / ?after= a message id."""
@@ -1080,18 +1088,20 @@ def list_messages(chat_id):
         _members(conn, me, chat_id)
         if after is not None:
             rows = conn.execute(
-                "SELECT id, chat_id, author_id, text, created_at FROM messages"
+                "SELECT " + MESSAGE_JSON + " FROM messages"
                 " WHERE chat_id = ? AND id > ? ORDER BY id LIMIT ?",
                 (chat_id, after, limit + 1),
             ).fetchall()
         else:
             rows = conn.execute(
-                "SELECT id, chat_id, author_id, text, created_at FROM messages"
+                "SELECT " + MESSAGE_JSON + " FROM messages"
                 " WHERE chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
                 (chat_id, MAX_ID if before is None else before, limit + 1),
             ).fetchall()
     page = rows[:limit] if after is not None else rows[:limit][::-1]
-    return {"messages": [dict(row) for row in page], "has_more": len(rows) > limit}
+    messages = ",".join(row[0] for row in page)
+    has_more = "true" if len(rows) > limit else "false"
+    return _json_text(f'{{"messages": [{messages}], "has_more": {has_more}}}')
 
 
 @route("POST", "/chats/<chat_id>/read")
