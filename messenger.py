@@ -80,6 +80,7 @@ UPDATES_HOURS = 24  # how long updates are kept for clients that were away
 # A waiting poll re-reads the database this often, to see updates written by
 # another process on the same file; this process's own writes wake it at once.
 POLL_RECHECK_SECONDS = 0.25
+PRUNE_SECONDS = 60  # how often a process deletes expired updates (readers skip them anyway)
 
 # waitress, configured on purpose:
 # a body just above the largest upload reaches the app, which answers the
@@ -974,7 +975,7 @@ def create_chat():
         now = _iso(_now())
         created = conn.execute(
             "INSERT INTO chats (user_low, user_high, created_at, activity)"
-            " VALUES (?, ?, ?, (SELECT coalesce(max(activity), 0) + 1 FROM chats))"
+            " VALUES (?, ?, ?, (SELECT coalesce(max(id), 0) + 0.5 FROM messages))"
             " ON CONFLICT (user_low, user_high) DO NOTHING",
             (low, high, now),
         ).rowcount
@@ -983,8 +984,8 @@ def create_chat():
         ).fetchone()["id"]
         if created:
             conn.executemany(
-                "INSERT INTO chat_members (user_id, chat_id) VALUES (?, ?)",
-                [(low, chat_id), (high, chat_id)],
+                "INSERT INTO chat_members (chat_id, user_id) VALUES (?, ?)",
+                [(chat_id, low), (chat_id, high)],
             )
             _add_updates(conn, {user: {"type": "chat", "chat": _load_chat(conn, user, chat_id)}
                                 for user in (low, high)})
@@ -999,7 +1000,7 @@ def list_chats():
     me = _me()
     with bottle.request.app.db.connection() as conn:
         rows = conn.execute(
-            CHAT_QUERY + " WHERE m.user_id = ? ORDER BY c.activity DESC", (me,)
+            CHAT_QUERY + " WHERE m.user_id = ? ORDER BY c.activity DESC, c.id DESC", (me,)
         ).fetchall()
     return _json_text('{"chats": [' + ",".join(row[0] for row in rows) + "]}")
 
@@ -1049,19 +1050,16 @@ def send_message(chat_id):
             (chat_id, me, text, now),
         ).lastrowid
         conn.execute(
-            "UPDATE chats SET last_message_id = ?,"
-            " activity = (SELECT max(activity) + 1 FROM chats) WHERE id = ?",
-            (message_id, chat_id),
+            "UPDATE chats SET last_message_id = ?, activity = ? WHERE id = ?",
+            (message_id, message_id, chat_id),
         )
-        other = members[0] if members[1] == me else members[1]
+        # The author has read up to here; the other member has one more unread.
         conn.execute(
-            "UPDATE chat_members SET last_read_id = ?, unread_count = 0"
-            " WHERE user_id = ? AND chat_id = ?",
-            (message_id, me, chat_id),
-        )
-        conn.execute(
-            "UPDATE chat_members SET unread_count = unread_count + 1 WHERE user_id = ? AND chat_id = ?",
-            (other, chat_id),
+            "UPDATE chat_members SET"
+            " last_read_id = CASE WHEN user_id = ? THEN ? ELSE last_read_id END,"
+            " unread_count = CASE WHEN user_id = ? THEN 0 ELSE unread_count + 1 END"
+            " WHERE chat_id = ?",
+            (me, message_id, me, chat_id),
         )
         message = {"id": message_id, "chat_id": chat_id, "author_id": me, "text": text,
                    "created_at": now}
@@ -1149,6 +1147,7 @@ class Feed:
         self.max_waiting = max_waiting
         self.generation = 0  # grows with every publish, so a waiter sees what it missed
         self.waiting = 0
+        self.pruned_at = 0.0  # when this process last deleted expired updates
         self.closed = False
         self._changed = threading.Condition()
 
@@ -1184,21 +1183,31 @@ class Feed:
 
 
 def _add_updates(conn, events):
-    """Store one update per recipient ({user id: event}) and prune the expired ones."""
-    now = _now()
-    conn.execute("DELETE FROM updates WHERE created_at < ?",
-                 (now - bottle.request.app.options["updates_hours"] * 3600,))
+    """Store one update per recipient ({user id: event}); now and then, prune the expired."""
+    app, now = bottle.request.app, _now()
     conn.executemany(
         "INSERT INTO updates (user_id, created_at, payload) VALUES (?, ?, ?)",
         [(user, now, json.dumps(event)) for user, event in events.items()],
     )
+    retention = app.options["updates_hours"] * 3600
+    if now >= app.feed.pruned_at + min(PRUNE_SECONDS, retention):
+        app.feed.pruned_at = now
+        # Ids grow with time, so the expired rows are the ones before the
+        # oldest row still kept; the rows just written are always kept.
+        conn.execute(
+            "DELETE FROM updates WHERE id <"
+            " (SELECT id FROM updates WHERE created_at >= ? ORDER BY id LIMIT 1)",
+            (now - retention,),
+        )
 
 
 def _read_updates(me, offset, limit):
+    cutoff = _now() - bottle.request.app.options["updates_hours"] * 3600
     with bottle.request.app.db.connection() as conn:
         rows = conn.execute(
-            "SELECT id, payload FROM updates WHERE user_id = ? AND id >= ? ORDER BY id LIMIT ?",
-            (me, offset, limit),
+            "SELECT id, payload FROM updates WHERE user_id = ? AND id >= ? AND created_at >= ?"
+            " ORDER BY id LIMIT ?",
+            (me, offset, cutoff, limit),
         ).fetchall()
     return [dict(update_id=row["id"], **json.loads(row["payload"])) for row in rows]
 
@@ -1274,12 +1283,13 @@ def seed_demo(app):
                 (email, email.casefold(), username, username, name, status, phone, password_hash,
                  _iso(now - 7 * 86400)),
             ).lastrowid
-        for activity, (first, second, messages) in enumerate(DEMO_CHATS, 1):
+        # The oldest dialog first, so that message ids grow with time.
+        for age, (first, second, messages) in reversed(list(enumerate(DEMO_CHATS, 1))):
             low, high = sorted((ids[first], ids[second]))
-            start = now - activity * 86400  # the first chat has the latest messages
+            start = now - age * 86400  # the first chat has the latest messages
             chat_id = conn.execute(
-                "INSERT INTO chats (user_low, user_high, created_at, activity) VALUES (?, ?, ?, ?)",
-                (low, high, _iso(start), len(DEMO_CHATS) - activity + 1),
+                "INSERT INTO chats (user_low, user_high, created_at, activity) VALUES (?, ?, ?, 0)",
+                (low, high, _iso(start)),
             ).lastrowid
             for minutes, (author, text) in enumerate(messages):
                 message_id = conn.execute(
@@ -1289,12 +1299,13 @@ def seed_demo(app):
                 # Each member has read up to their own last message: the rest is unread.
                 conn.execute(
                     "INSERT INTO chat_members (user_id, chat_id, last_read_id) VALUES (?, ?, ?)"
-                    " ON CONFLICT (user_id, chat_id) DO UPDATE SET last_read_id = excluded.last_read_id",
+                    " ON CONFLICT (chat_id, user_id) DO UPDATE SET last_read_id = excluded.last_read_id",
                     (ids[author], chat_id, message_id),
                 )
             conn.execute("INSERT OR IGNORE INTO chat_members (user_id, chat_id) VALUES (?, ?), (?, ?)",
                          (low, chat_id, high, chat_id))
-            conn.execute("UPDATE chats SET last_message_id = ? WHERE id = ?", (message_id, chat_id))
+            conn.execute("UPDATE chats SET last_message_id = ?, activity = ? WHERE id = ?",
+                         (message_id, message_id, chat_id))
         conn.execute(
             "UPDATE chat_members SET unread_count = (SELECT count(*) FROM messages AS m"
             " WHERE m.chat_id = chat_members.chat_id AND m.id > chat_members.last_read_id"
@@ -1330,9 +1341,8 @@ def reset_database():
     app = bottle.request.app
     with app.db.transaction() as conn:
         # Deleting the users cascades to everything that belongs to them.
-        conn.execute("DELETE FROM users")
+        conn.execute("DELETE FROM users")  # with no rows left, ids start at 1 again
         conn.execute("DELETE FROM login_failures")
-        conn.execute("DELETE FROM sqlite_sequence")  # ids start at 1 again
     if app.options["demo"]:
         seed_demo(app)
     return {}

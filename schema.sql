@@ -47,25 +47,29 @@ CREATE TABLE IF NOT EXISTS chats (
     user_high       INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     created_at      TEXT NOT NULL,
     last_message_id INTEGER REFERENCES messages (id),
-    activity        INTEGER NOT NULL,       -- sequence number of its latest message or creation
+    -- Its latest message's id; when created, the largest message id then
+    -- plus 0.5. Sorting by it, then by id, puts the latest activity first.
+    activity        REAL NOT NULL,
     UNIQUE (user_low, user_high),
     CHECK (user_low < user_high)
 );
-CREATE INDEX IF NOT EXISTS chats_by_activity ON chats (activity);
 
+-- Keyed by chat first, so a send updates both members' rows on one page.
 CREATE TABLE IF NOT EXISTS chat_members (
-    user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     chat_id      INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     last_read_id INTEGER NOT NULL DEFAULT 0,
     -- the other member's messages after last_read_id, kept up to date by
     -- every send and read, so that listing chats never counts messages
     unread_count INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (user_id, chat_id)
+    PRIMARY KEY (chat_id, user_id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chat_members_by_user ON chat_members (user_id, chat_id);
 
--- AUTOINCREMENT: ids never come back, so they grow with time.
+-- A new row's id is one more than the largest: messages are never deleted
+-- (but by a reset, which starts over), so ids grow with time.
 CREATE TABLE IF NOT EXISTS messages (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         INTEGER PRIMARY KEY,
     chat_id    INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
     author_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     text       TEXT NOT NULL,
@@ -73,15 +77,16 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, id);
 
--- One row per event per recipient, for GET /updates.
+-- One row per event per recipient, for GET /updates. Ids grow with time
+-- too: old rows are pruned only after new ones are written, so the largest
+-- id is never deleted.
 CREATE TABLE IF NOT EXISTS updates (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         INTEGER PRIMARY KEY,
     user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     created_at REAL NOT NULL,               -- Unix time, for pruning
     payload    TEXT NOT NULL                -- the event as JSON, without update_id
 );
 CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id);
-CREATE INDEX IF NOT EXISTS updates_by_age ON updates (created_at);
 
 PRAGMA user_version = 1;
 

@@ -1212,6 +1212,7 @@ def test_updates_older_than_retention_are_pruned(tmp_path):
     time.sleep(0.2)
     send(ann, chat_id, "new")
     assert [u["message"]["text"] for u in updates(ann)] == ["new"]
+    assert len(query(app, "SELECT * FROM updates")) == 2  # "new", for each member
     app.db.close()
 
 

@@ -215,6 +215,9 @@ def big_world(path, users, dialogs, messages):
     )
     conn.execute("UPDATE chats SET last_message_id ="
                  " (SELECT max(id) FROM messages WHERE messages.chat_id = chats.id)")
+    conn.execute("UPDATE chats SET activity = last_message_id")
+    conn.execute("UPDATE chat_members SET unread_count = (SELECT count(*) FROM messages AS m"
+                 " WHERE m.chat_id = chat_members.chat_id AND m.author_id <> chat_members.user_id)")
     conn.execute("COMMIT")
     conn.close()
 
