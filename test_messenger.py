@@ -1414,6 +1414,15 @@ def start_process_logged(db):
     return process, re.search(r"http://\S+?(?=/ )", line)[0]
 
 
+def test_cli_runs_on_one_core(tmp_path):
+    process, _ = start_process(str(tmp_path / "core.db"))
+    with open(f"/proc/{process.pid}/status") as status:
+        allowed = re.search(r"Cpus_allowed_list:\s*(\S+)", status.read())[1]
+    process.terminate()
+    assert process.wait(timeout=15) == 0
+    assert re.fullmatch(r"\d+", allowed)  # one core, not a list or a range
+
+
 def test_cli_memory_database(tmp_path):
     process, url = start_process(":memory:")
     assert call(url + "/users", "POST", {"email": "a@example.com", "password": PASSWORD})[0] == 200
