@@ -9,7 +9,7 @@ the next one, and lets every client loop on a mix of requests (list chats,
 page history, send, long poll, look up a user) until the time is up or the
 request budget is spent. Then it reads every chat back and checks that each
 acknowledged message is stored exactly once. It prints throughput, latency,
-status codes and the server's resident memory at the start, middle and end,
+status codes and the server's resident memory six times over the run,
 and exits 1 if any answer was a 5xx or a message was lost or duplicated.
 """
 
@@ -143,17 +143,17 @@ def main():
                     if kind == "send" and status == 200:
                         acknowledged[chat_id].append(body["id"])
 
-        memory = [("start", rss_kib(process.pid))]
+        memory = [(0, rss_kib(process.pid))]
         threads = [threading.Thread(target=run, args=(n, client)) for n, client in enumerate(clients)]
         started = time.monotonic()
         for thread in threads:
             thread.start()
-        time.sleep(args.seconds / 2)
-        memory.append(("middle", rss_kib(process.pid)))
+        for sample in range(1, 7):  # the server's memory, six times over the run
+            time.sleep(max(0.0, started + args.seconds * sample / 6 - time.monotonic()))
+            memory.append((time.monotonic() - started, rss_kib(process.pid)))
         for thread in threads:
             thread.join()
         elapsed = time.monotonic() - started
-        memory.append(("end", rss_kib(process.pid)))
 
         lost = duplicated = 0
         for n, client in enumerate(clients):
@@ -182,7 +182,7 @@ def main():
               f"  p99 {values[int(len(values) * 0.99)] * 1000:7.1f} ms")
     sent = sum(len(v) for v in acknowledged.values())
     print(f"messages: {sent} acknowledged, {lost} lost, {duplicated} duplicated")
-    print("server RSS:", ", ".join(f"{label} {kib / 1024:.1f} MiB" for label, kib in memory))
+    print("server RSS:", ", ".join(f"{at:.0f} s {kib / 1024:.1f} MiB" for at, kib in memory))
     print("server exit status after SIGTERM:", exit_status)
     for failure in failures[:5]:
         print("  client error:", failure)
