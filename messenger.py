@@ -1541,7 +1541,7 @@ class Server:
 
 
 def serve(app, host=DEFAULT_HOST, port=DEFAULT_PORT):
-    """Serve `app` with waitress until SIGTERM or Ctrl-C."""
+    """Serve `app` with waitress until SIGTERM or Ctrl-C (on the main thread; else forever)."""
     server = _create_server(app, host, port)
     stopping = threading.Event()
 
@@ -1550,8 +1550,9 @@ def serve(app, host=DEFAULT_HOST, port=DEFAULT_PORT):
         app.feed.close()
         _wake(server)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    if threading.current_thread() is threading.main_thread():  # the only thread that may
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
     print(f"messenger {__version__} serving {_url(host, server.effective_port)}/"
           f" with database {app.db.path}", flush=True)
     _run_server(server, stopping)
