@@ -1078,6 +1078,20 @@ def test_server_both_members_open_one_dialog(server):
     assert len({chat["id"] for _, chat in results}) == 1
 
 
+def test_database_settings(app):
+    with app.db.connection() as conn:
+        settings = [conn.execute(f"PRAGMA {name}").fetchone()[0]
+                    for name in ("journal_mode", "foreign_keys", "synchronous", "user_version")]
+    assert settings == ["wal", 1, 1, messenger.SCHEMA_VERSION]  # synchronous 1 is NORMAL
+
+
+def test_database_newer_than_the_code_is_refused(tmp_path):
+    path = str(tmp_path / "future.db")
+    sqlite3.connect(path).execute(f"PRAGMA user_version = {messenger.SCHEMA_VERSION + 1}").connection.close()
+    with pytest.raises(sqlite3.DatabaseError, match="schema version"):
+        messenger.make_app(path)
+
+
 def test_memory_database_from_eight_threads():
     with messenger.Server(db=":memory:", password_iterations=ITERATIONS, threads=8,
                           quiet=True) as server:
