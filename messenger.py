@@ -662,14 +662,16 @@ def login():
             conn.execute("DELETE FROM login_failures WHERE failed_at <= ?", (now - LOGIN_FAILURE_WINDOW,))
             conn.execute("INSERT INTO login_failures (email_key, failed_at) VALUES (?, ?)", (email_key, now))
         raise error(400, "wrong_credentials", "The email or the password is wrong.")
+    # A hash of a lower cost than today's is replaced while the password is at hand.
     rehash = _hash_iterations(user["password_hash"]) < iterations
-    new_hash = hash_password(password, iterations) if rehash else user["password_hash"]
+    new_hash = hash_password(password, iterations) if rehash else None
     token = secrets.token_urlsafe(TOKEN_BYTES)
     lifetime = app.options["session_days"] * 86400
     with app.db.transaction() as conn:
         conn.execute("DELETE FROM login_failures WHERE email_key = ?", (email_key,))
         conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
-        conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (new_hash, user["id"]))
+        if new_hash:
+            conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (new_hash, user["id"]))
         conn.execute(
             "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES (?, ?, ?)",
             (_token_hash(token), user["id"], now + lifetime),
