@@ -1407,8 +1407,9 @@ def make_app(
         "max_photo_bytes": max_photo_bytes,
         "updates_hours": updates_hours,
     }
-    # Keep a quarter of the threads (at least two) free of long polls.
-    app.feed = Feed(max_waiting=max(1, threads - max(2, threads // 4)))
+    # Keep a quarter of the threads free of long polls: at least two, or the
+    # one other thread there is, and never none.
+    app.feed = Feed(max_waiting=threads - max(threads // 4, min(2, threads - 1), 1))
     app.warned_origins = set()
     app.default_error_handler = _bottle_error_page
     app.add_hook("before_request", _check_path_encoding)

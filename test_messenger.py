@@ -1320,6 +1320,20 @@ def test_server_long_polls_do_not_starve_other_requests(tmp_path):
             thread.join()
 
 
+@pytest.mark.parametrize("threads, waiting", [(1, 0), (2, 1), (3, 1), (4, 2), (8, 6), (16, 12)])
+def test_long_polls_leave_threads_free(threads, waiting):
+    app = messenger.make_app(":memory:", threads=threads)
+    assert app.feed.max_waiting == waiting
+    app.db.close()
+
+
+def test_updates_answer_at_once_when_no_thread_may_wait(ann):
+    ann.app.feed.max_waiting = 0
+    started = time.monotonic()
+    assert updates(ann, timeout=30) == []
+    assert time.monotonic() - started < 10
+
+
 def test_server_stop_ends_waiting_polls(tmp_path):
     server = messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True)
     _, cookie = server_login(server, "ann@example.com")
