@@ -857,7 +857,7 @@ def upload_photo():
     content_type = _image_type(data)
     if content_type is None:
         raise error(400, "invalid_image", "The file is not a PNG, JPEG, GIF or WebP image.", "photo")
-    etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+    etag = _etag(data)
     with bottle.request.app.db.transaction() as conn:
         conn.execute(
             "INSERT INTO photos (user_id, content_type, etag, data) VALUES (?, ?, ?, ?)"
@@ -877,7 +877,11 @@ def delete_photo():
     return {}
 
 
-def default_avatar(user):
+def _etag(data):
+    return '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+
+
+def _default_avatar(user):
     """An SVG avatar: the user's initials on a colour derived from the id."""
     words = user["name"].split()
     initials = "".join(word[0] for word in words[:2]) or user["username"][:1]
@@ -910,8 +914,8 @@ def get_photo(user_id):
     if photo:
         data, content_type, etag = photo["data"], photo["content_type"], photo["etag"]
     else:
-        data, content_type = default_avatar(row), "image/svg+xml"
-        etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+        data, content_type = _default_avatar(row), "image/svg+xml"
+        etag = _etag(data)
     headers = dict(PHOTO_HEADERS, ETag=etag)
     if _etag_matches(etag):
         return bottle.HTTPResponse(status=304, headers=headers)
