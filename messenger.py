@@ -1397,7 +1397,6 @@ def make_app(
 ):
     """Build a new messenger WSGI application on the SQLite database `db`."""
     app = bottle.Bottle()
-    app.db = Database(db)
     app.options = {
         "threads": threads,
         "demo": demo,
@@ -1411,6 +1410,7 @@ def make_app(
         "max_photo_bytes": max_photo_bytes,
         "updates_hours": updates_hours,
     }
+    app.db = Database(db)
     # Keep a quarter of the threads free of long polls: at least two, or the
     # one other thread there is, and never none.
     app.feed = Feed(max_waiting=threads - max(threads // 4, min(2, threads - 1), 1))
