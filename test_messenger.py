@@ -1054,9 +1054,10 @@ def server(tmp_path):
         yield server
 
 
-def server_login(server, email):
-    call(server.url + "/users", "POST", {"email": email, "password": PASSWORD})
-    status, user, headers = call(server.url + "/login", "POST", {"email": email, "password": PASSWORD})
+def login_at(url, email):
+    """Register and log in through a real server at url: (user id, cookie)."""
+    call(url + "/users", "POST", {"email": email, "password": PASSWORD})
+    status, user, headers = call(url + "/login", "POST", {"email": email, "password": PASSWORD})
     return user["id"], headers["Set-Cookie"].split(";")[0]
 
 
@@ -1069,8 +1070,8 @@ def test_server_twenty_registrations_of_one_email(server):
 
 
 def test_server_both_members_open_one_dialog(server):
-    ann_id, ann_cookie = server_login(server, "ann@example.com")
-    bob_id, bob_cookie = server_login(server, "bob@example.com")
+    ann_id, ann_cookie = login_at(server.url, "ann@example.com")
+    bob_id, bob_cookie = login_at(server.url, "bob@example.com")
     pairs = [(bob_id, ann_cookie), (ann_id, bob_cookie)] * 4
     results = at_once(8, lambda i: call(server.url + "/chats", "POST", {"user_id": pairs[i][0]},
                                         pairs[i][1])[:2])
@@ -1095,7 +1096,7 @@ def test_database_newer_than_the_code_is_refused(tmp_path):
 def test_memory_database_from_eight_threads():
     with messenger.Server(db=":memory:", password_iterations=ITERATIONS, threads=8,
                           quiet=True) as server:
-        users = [server_login(server, f"user{i}@example.com") for i in range(8)]
+        users = [login_at(server.url, f"user{i}@example.com") for i in range(8)]
         hub_id, hub_cookie = users[0]
         chats = [call(server.url + "/chats", "POST", {"user_id": hub_id}, cookie)[1]["id"]
                  for _, cookie in users[1:]]
@@ -1120,7 +1121,7 @@ def test_server_stop_closes_the_port(tmp_path):
 
 
 def test_server_413_for_body_over_upload_limit(server):
-    _, cookie = server_login(server, "ann@example.com")
+    _, cookie = login_at(server.url, "ann@example.com")
     body = b"x" * (messenger.MAX_PHOTO_BYTES + messenger.MULTIPART_OVERHEAD + 1)
     request = urllib.request.Request(server.url + "/photos", data=body, method="POST",
                                      headers={"Cookie": cookie,
@@ -1132,7 +1133,7 @@ def test_server_413_for_body_over_upload_limit(server):
 
 
 def test_server_path_not_utf8_is_invalid_field(server):
-    _, cookie = server_login(server, "ann@example.com")
+    _, cookie = login_at(server.url, "ann@example.com")
     connection = http.client.HTTPConnection(server.host, server.port, timeout=10)
     connection.request("GET", "/users/%FF", headers={"Cookie": cookie})
     response = connection.getresponse()
@@ -1243,8 +1244,8 @@ def poll(server, cookie, **params):
 
 def two_in_a_chat(server):
     """Log in two users on a server and open their chat: (ann cookie, bob cookie, chat id, offset)."""
-    _, ann_cookie = server_login(server, "ann@example.com")
-    bob_id, bob_cookie = server_login(server, "bob@example.com")
+    _, ann_cookie = login_at(server.url, "ann@example.com")
+    bob_id, bob_cookie = login_at(server.url, "bob@example.com")
     chat_id = call(server.url + "/chats", "POST", {"user_id": bob_id}, ann_cookie)[1]["id"]
     offset = poll(server, ann_cookie)[-1]["update_id"] + 1
     return ann_cookie, bob_cookie, chat_id, offset
@@ -1305,7 +1306,7 @@ def test_server_poll_wakes_for_a_message_from_another_process(tmp_path, server):
 def test_server_long_polls_do_not_starve_other_requests(tmp_path):
     with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, threads=4,
                           quiet=True) as server:
-        _, cookie = server_login(server, "ann@example.com")
+        _, cookie = login_at(server.url, "ann@example.com")
         pollers = [threading.Thread(target=poll, args=(server, cookie), kwargs={"timeout": 3})
                    for _ in range(10)]
         for thread in pollers:
@@ -1336,7 +1337,7 @@ def test_updates_answer_at_once_when_no_thread_may_wait(ann):
 
 def test_server_stop_ends_waiting_polls(tmp_path):
     server = messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True)
-    _, cookie = server_login(server, "ann@example.com")
+    _, cookie = login_at(server.url, "ann@example.com")
     answers = []
     thread = threading.Thread(target=lambda: answers.append(poll(server, cookie, timeout=60)))
     thread.start()
@@ -1386,7 +1387,7 @@ def test_two_servers_share_nothing():
     with messenger.Server(password_iterations=ITERATIONS, quiet=True) as one, \
             messenger.Server(password_iterations=ITERATIONS, quiet=True) as two:
         assert one.port != two.port
-        server_login(one, "ann@example.com")
+        login_at(one.url, "ann@example.com")
         status, body, _ = call(two.url + "/login", "POST", {"email": "ann@example.com",
                                                             "password": PASSWORD})
         assert (status, body["error"]) == (400, "wrong_credentials")
@@ -1898,8 +1899,8 @@ def test_login_unknown_email_takes_as_long_as_wrong_password(tmp_path):
 def test_acknowledged_messages_survive_sigkill(tmp_path):
     db = str(tmp_path / "crash.db")
     process, url = start_process(db)
-    ann_id, ann_cookie = process_login(url, "ann@example.com")
-    bob_id, _ = process_login(url, "bob@example.com")
+    ann_id, ann_cookie = login_at(url, "ann@example.com")
+    bob_id, _ = login_at(url, "bob@example.com")
     chat_id = call(url + "/chats", "POST", {"user_id": bob_id}, ann_cookie)[1]["id"]
     acknowledged, stop = [], threading.Event()
 
@@ -1926,7 +1927,7 @@ def test_acknowledged_messages_survive_sigkill(tmp_path):
         thread.join(timeout=30)
     process, url = start_process(db)
     try:
-        _, cookie = process_login(url, "ann@example.com")
+        _, cookie = login_at(url, "ann@example.com")
         stored, after = [], 0
         while True:
             body = call(f"{url}/chats/{chat_id}/messages?limit=100&after={after}", cookie=cookie)[1]
@@ -1940,9 +1941,3 @@ def test_acknowledged_messages_survive_sigkill(tmp_path):
     assert len(acknowledged) > 10
     assert len(stored) == len(set(stored))
     assert set(acknowledged) <= set(stored)
-
-
-def process_login(url, email):
-    call(url + "/users", "POST", {"email": email, "password": PASSWORD})
-    status, user, headers = call(url + "/login", "POST", {"email": email, "password": PASSWORD})
-    return user["id"], headers["Set-Cookie"].split(";")[0]
