@@ -1237,6 +1237,16 @@ def test_updates_timeout_returns_empty_after_waiting(ann):
     assert time.monotonic() - started >= 0.9
 
 
+def wait_until(condition, seconds=10):
+    """Whether condition() became true within `seconds` (checked every 10 ms)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def poll(server, cookie, **params):
     query = urllib.parse.urlencode(params)
     return call(f"{server.url}/updates?{query}", cookie=cookie)[1]["updates"]
@@ -1307,18 +1317,19 @@ def test_server_long_polls_do_not_starve_other_requests(tmp_path):
     with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, threads=4,
                           quiet=True) as server:
         _, cookie = login_at(server.url, "ann@example.com")
-        pollers = [threading.Thread(target=poll, args=(server, cookie), kwargs={"timeout": 3})
+        pollers = [threading.Thread(target=poll, args=(server, cookie), kwargs={"timeout": 60})
                    for _ in range(10)]
         for thread in pollers:
             thread.start()
-        time.sleep(0.3)
-        assert server.app.feed.waiting == server.app.feed.max_waiting == 2
-        assert server.app.db.borrowed == 0  # a waiting poll holds no connection
+        assert wait_until(lambda: server.app.feed.waiting == server.app.feed.max_waiting == 2)
+        assert wait_until(lambda: server.app.db.borrowed == 0)  # a waiting poll holds no connection
         started = time.monotonic()
         assert call(server.url + "/users", cookie=cookie)[0] == 200
-        assert time.monotonic() - started < 2.0  # answered well before the polls end
-        for thread in pollers:
-            thread.join()
+        assert time.monotonic() - started < 2.0  # answered while the polls still wait
+        assert server.app.feed.waiting == 2
+    for thread in pollers:  # stopping the server ended the waiting polls
+        thread.join(timeout=10)
+        assert not thread.is_alive()
 
 
 @pytest.mark.parametrize("threads, waiting", [(1, 0), (2, 1), (3, 1), (4, 2), (8, 6), (16, 12)])
@@ -1341,7 +1352,7 @@ def test_server_stop_ends_waiting_polls(tmp_path):
     answers = []
     thread = threading.Thread(target=lambda: answers.append(poll(server, cookie, timeout=60)))
     thread.start()
-    time.sleep(0.2)
+    assert wait_until(lambda: server.app.feed.waiting == 1)
     started = time.monotonic()
     server.stop()
     thread.join(timeout=10)
