@@ -1477,9 +1477,10 @@ def _run_server(server, stopping):
     while not stopping.is_set():
         waitress.wasyncore.loop(timeout=1.0, use_poll=True, map=server._map, count=1)
     # waitress has no public shutdown. What works: stop listening, let the
-    # workers finish while this loop still sends their answers, then close
-    # every connection here, on the thread that owns them.
-    server.close()
+    # workers finish while this loop still sends their answers, and only then
+    # close the connections and the trigger (a worker pulls it when it ends
+    # a task), here, on the thread that owns them.
+    waitress.wasyncore.dispatcher.close(server)  # the listening socket alone
     workers = threading.Thread(target=server.task_dispatcher.shutdown)
     workers.start()
     deadline = time.monotonic() + STOP_GRACE_SECONDS
