@@ -4,9 +4,11 @@ A JSON API over HTTP for users, sessions, avatars, one-to-one dialogs,
 messages, read marks and long-polling updates, built on Bottle (routing),
 waitress (serving) and SQLite (storage), with nothing else.
 
-Run it:
+Run it (after `pip install .`, `messenger` and `python -m messenger` are
+the same program):
 
     python messenger.py --port 8080 --db messenger.db
+    python messenger.py --demo --db :memory:    # a mock backend with demo data
 
 Embed it (for example in a test suite):
 
