@@ -47,9 +47,10 @@ CREATE TABLE IF NOT EXISTS chats (
     user_high       INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     created_at      TEXT NOT NULL,
     last_message_id INTEGER REFERENCES messages (id),
-    -- Its latest message's id; when created, the largest message id then
-    -- plus 0.5. Sorting by it, then by id, puts the latest activity first.
-    activity        REAL NOT NULL,
+    -- The largest message id when the chat was opened, plus 0.5: sorting by
+    -- coalesce(last_message_id, opened_after), then by id, puts the chat
+    -- with the latest activity first.
+    opened_after    REAL NOT NULL,
     UNIQUE (user_low, user_high),
     CHECK (user_low < user_high)
 );

@@ -202,9 +202,9 @@ def big_world(path, users, dialogs, messages):
         if pair not in seen:
             seen.add(pair)
             pairs.append(pair)
-    conn.executemany("INSERT INTO chats (id, user_low, user_high, created_at, activity)"
-                     " VALUES (?, ?, ?, ?, ?)",
-                     ((n, low, high, stamp, n) for n, (low, high) in enumerate(pairs, 1)))
+    conn.executemany("INSERT INTO chats (id, user_low, user_high, created_at, opened_after)"
+                     " VALUES (?, ?, ?, ?, 0)",
+                     ((n, low, high, stamp) for n, (low, high) in enumerate(pairs, 1)))
     conn.executemany("INSERT INTO chat_members (user_id, chat_id) VALUES (?, ?)",
                      ((user, n) for n, pair in enumerate(pairs, 1) for user in pair))
     per_chat = messages // dialogs
@@ -215,7 +215,6 @@ def big_world(path, users, dialogs, messages):
     )
     conn.execute("UPDATE chats SET last_message_id ="
                  " (SELECT max(id) FROM messages WHERE messages.chat_id = chats.id)")
-    conn.execute("UPDATE chats SET activity = last_message_id")
     conn.execute("UPDATE chat_members SET unread_count = (SELECT count(*) FROM messages AS m"
                  " WHERE m.chat_id = chat_members.chat_id AND m.author_id <> chat_members.user_id)")
     conn.execute("COMMIT")
