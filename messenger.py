@@ -110,6 +110,10 @@ DEMO_PASSWORD = "demo-password"
 
 BUSY_TIMEOUT = 10  # seconds a connection waits for another's write lock
 JSON_TYPE = "application/json"
+# One encoder writes every JSON body: text as UTF-8 ("Привет", not
+# "\u041f..."), without spaces, as SQLite's json_object() writes it, so a
+# body's bytes do not depend on which code built it.
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 log = logging.getLogger("messenger")
 
@@ -117,7 +121,7 @@ log = logging.getLogger("messenger")
 # The database
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _schema_path():
@@ -126,6 +130,25 @@ def _schema_path():
     if os.path.exists(beside):
         return beside
     return os.path.join(sysconfig.get_path("data"), "share", "messenger", "schema.sql")
+
+
+def _schema_scripts():
+    """schema.sql in its parts: (the whole schema, {version: its upgrade step}, the search index)."""
+    with open(_schema_path(), encoding="utf-8") as f:
+        schema, _, rest = f.read().partition("-- upgrades\n")
+    upgrades, _, search_index = rest.partition("-- search-index\n")
+    parts = re.split(r"^-- upgrade to (\d+)\b", upgrades, flags=re.M)[1:]
+    return schema, {int(version): step for version, step in zip(parts[::2], parts[1::2])}, search_index
+
+
+def _statements(script):
+    """The SQL statements of a script, one by one (a trigger's body stays whole)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
 
 
 def _has_fts5_trigram(conn):
@@ -184,17 +207,28 @@ class Database:
         return conn
 
     def _migrate(self, conn):
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"the database has schema version {version}; this messenger knows {SCHEMA_VERSION}"
-            )
-        if version == 0:
-            with open(_schema_path(), encoding="utf-8") as f:
-                schema, _, search_index = f.read().partition("-- search-index\n")
-            if not _has_fts5_trigram(conn):
-                search_index = ""
-            conn.executescript("BEGIN IMMEDIATE;\n" + schema + search_index + "\nCOMMIT;")
+        """Create the schema on a new database, or bring an older one up to date."""
+        conn.execute("BEGIN IMMEDIATE")  # another process may be doing the same
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"the database has schema version {version}; this messenger knows {SCHEMA_VERSION}"
+                )
+            if version < SCHEMA_VERSION:
+                schema, upgrades, search_index = _schema_scripts()
+                script = schema if version == 0 else "".join(
+                    upgrades[step] for step in range(version + 1, SCHEMA_VERSION + 1))
+                if _has_fts5_trigram(conn):
+                    script += search_index
+                conn.create_function("fold", 1, _fold, deterministic=True)  # for the upgrade steps
+                for statement in _statements(script):
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         self.search_index = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE name = 'users_search'"
         ).fetchone() is not None
@@ -251,7 +285,7 @@ def _error_body(mnemonic, message, field=None):
     body = {"error": mnemonic, "message": message}
     if field is not None:
         body["field"] = field
-    return json.dumps(body)
+    return _to_json(body)
 
 
 def error(status, mnemonic, message, field=None, headers=None):
@@ -364,7 +398,7 @@ def parse_delay(value):
             raise ValueError(f"a delay is MS or MIN-MAX milliseconds, not {value!r}")
         low, high = float(match[1]), float(match[2] or match[1])
     if not 0 <= low <= high:
-        raise ValueError(f"a delay range must be 0 <= MIN <= MAX, not {low}-{high}")
+        raise ValueError(f"a delay range must be 0 <= MIN <= MAX, not {value}")
     return low, high
 
 
@@ -522,6 +556,17 @@ def _string(body, field, required):
     return value
 
 
+def _fold(text):
+    """Text as names are compared: NFC-normalised (a composed "й" and e + U+0306 are one
+    letter), then Unicode case folding ("Ёж" and "ёж" are one name)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
+
+
+def _search_fold(text):
+    """Text as a username search compares it: folded, and ё read as е, as Russian is written both ways."""
+    return _fold(text).replace("ё", "е")
+
+
 def _is_username_char(c):
     return c.isalpha() or c.isdecimal() or c in "_."
 
@@ -548,6 +593,8 @@ def _user_field(body, field, required):
     value = _string(body, field, required)
     if value is None:
         return None
+    if field in ("email", "username"):  # names compared and shown as one form
+        value = unicodedata.normalize("NFC", value)
     shortest, longest, check, rule = USER_FIELDS[field]
     if _has_control(value):
         raise _invalid(field, f"'{field}' must not contain control characters.")
@@ -599,11 +646,11 @@ def _load_user(conn, user_id):
 def _taken(conn, email=None, username=None, except_id=0):
     """Raise email_taken or username_taken if another user has either."""
     if email is not None and conn.execute(
-        "SELECT 1 FROM users WHERE email_key = ? AND id <> ?", (email.casefold(), except_id)
+        "SELECT 1 FROM users WHERE email_key = ? AND id <> ?", (_fold(email), except_id)
     ).fetchone():
         raise error(400, "email_taken", "A user with this email already exists.", "email")
     if username is not None and conn.execute(
-        "SELECT 1 FROM users WHERE username_key = ? AND id <> ?", (username.casefold(), except_id)
+        "SELECT 1 FROM users WHERE username_key = ? AND id <> ?", (_fold(username), except_id)
     ).fetchone():
         raise error(400, "username_taken", "This username is already taken.", "username")
 
@@ -612,7 +659,7 @@ def _free_username(conn, base):
     """base, or base with the smallest number from 2 that no one has."""
     candidate, number = base, 2
     while conn.execute(
-        "SELECT 1 FROM users WHERE username_key = ?", (candidate.casefold(),)
+        "SELECT 1 FROM users WHERE username_key = ?", (_fold(candidate),)
     ).fetchone():
         suffix = str(number)
         candidate, number = base[: 32 - len(suffix)] + suffix, number + 1
@@ -634,7 +681,7 @@ def register():
         user_id = conn.execute(
             "INSERT INTO users (email, email_key, username, username_key, name, status, phone,"
             " password_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (email, email.casefold(), username, username.casefold(), fields["name"] or "",
+            (email, _fold(email), username, _fold(username), fields["name"] or "",
              fields["status"] or "", fields["phone"] or "", password_hash, _iso(time.time())),
         ).lastrowid
         return _user_json(_load_user(conn, user_id))
@@ -658,7 +705,7 @@ def login():
     body = _json_body()
     email = _string(body, "email", required=True)
     password = _string(body, "password", required=True)
-    app, email_key, now = bottle.request.app, email.casefold(), time.time()
+    app, email_key, now = bottle.request.app, _fold(email), time.time()
     iterations = app.options["password_iterations"]
     with app.db.connection() as conn:
         retry_after = _login_retry_after(conn, email_key, now)
@@ -724,18 +771,20 @@ def _search_users(query):
         raise _invalid("query", "A search must not contain control characters.")
     db = bottle.request.app.db
     with db.connection() as conn:
-        rows = find_users(conn, query.casefold(), limit, offset, db.search_index)
+        rows = find_users(conn, _search_fold(query), limit, offset, db.search_index)
     return {"users": [_user_json(row) for row in rows]}
 
 
 def find_users(conn, key, limit, offset, use_index=True):
-    """Users whose casefolded username contains `key`: exact, then prefix, then the rest."""
+    """Users whose search key contains `key` (from _search_fold): exact, then prefix, then the rest."""
     end = offset + limit
-    # The exact match and the prefix matches come in order from the username index.
-    rows = conn.execute("SELECT * FROM users WHERE username_key = ?", (key,)).fetchall()
+    # The exact and the prefix matches come in order from the search key's index.
+    rows = conn.execute(
+        "SELECT * FROM users WHERE search_key = ? ORDER BY username_key", (key,)
+    ).fetchall()
     rows += conn.execute(
-        "SELECT * FROM users WHERE username_key > ? AND username_key < ?"
-        " ORDER BY username_key LIMIT ?",
+        "SELECT * FROM users WHERE search_key > ? AND search_key < ?"
+        " ORDER BY search_key, username_key LIMIT ?",
         (key, key + "\U0010ffff", end),  # every string that starts with key sorts in between
     ).fetchall()
     if len(rows) < end:
@@ -744,7 +793,7 @@ def find_users(conn, key, limit, offset, use_index=True):
 
 
 def _find_inner_matches(conn, key, count, use_index):
-    """The first `count` users, by username, that contain `key` but do not start with it."""
+    """The first `count` users, by search key, that contain `key` but do not start with it."""
     if use_index and len(key) >= 3:
         # A quoted FTS5 string: every character in it is literal.
         phrase = '"' + key.replace('"', '""') + '"'
@@ -757,14 +806,14 @@ def _find_inner_matches(conn, key, count, use_index):
         if matches <= most:
             return conn.execute(
                 "SELECT u.* FROM users_search JOIN users AS u ON u.id = users_search.rowid"
-                " WHERE users_search MATCH ? AND instr(u.username_key, ?) > 1"
-                " ORDER BY u.username_key LIMIT ?",
+                " WHERE users_search MATCH ? AND instr(u.search_key, ?) > 1"
+                " ORDER BY u.search_key, u.username_key LIMIT ?",
                 (phrase, key, count),
             ).fetchall()
-    # Many matches, or no index: walk the username index in order and stop
-    # when the page is full. instr() takes % _ \ literally, unlike LIKE.
+    # Many matches, or no index: walk the search key's index in order and
+    # stop when the page is full. instr() takes % _ \ literally, unlike LIKE.
     return conn.execute(
-        "SELECT * FROM users WHERE instr(username_key, ?) > 1 ORDER BY username_key LIMIT ?",
+        "SELECT * FROM users WHERE instr(search_key, ?) > 1 ORDER BY search_key, username_key LIMIT ?",
         (key, count),
     ).fetchall()
 
@@ -810,8 +859,8 @@ def edit_user(user_id):
         conn.execute(
             "UPDATE users SET email = ?, email_key = ?, username = ?, username_key = ?,"
             " name = ?, status = ?, phone = ? WHERE id = ?",
-            (fields["email"], fields["email"].casefold(), fields["username"],
-             fields["username"].casefold(), fields["name"], fields["status"], fields["phone"], me),
+            (fields["email"], _fold(fields["email"]), fields["username"],
+             _fold(fields["username"]), fields["name"], fields["status"], fields["phone"], me),
         )
         if password_hash:
             conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, me))
@@ -958,6 +1007,13 @@ CHAT_QUERY = """
 """
 
 
+def _message_json(conn, message_id):
+    """A message's JSON, as every route shows it."""
+    return conn.execute(
+        "SELECT " + MESSAGE_JSON + " FROM messages AS message WHERE id = ?", (message_id,)
+    ).fetchone()[0]
+
+
 def _json_text(text):
     """Answer JSON text that is already written (by SQLite), as is."""
     bottle.response.content_type = JSON_TYPE
@@ -1019,7 +1075,7 @@ def list_chats():
             " ORDER BY coalesce(c.last_message_id, c.opened_after) DESC, c.id DESC",
             (me,),
         ).fetchall()
-    return _json_text('{"chats": [' + ",".join(row[0] for row in rows) + "]}")
+    return _json_text('{"chats":[' + ",".join(row[0] for row in rows) + "]}")
 
 
 @route("GET", "/chats/<chat_id>")
@@ -1075,11 +1131,10 @@ def send_message(chat_id):
             " WHERE chat_id = ?",
             (me, message_id, me, chat_id),
         )
-        message = {"id": message_id, "chat_id": chat_id, "author_id": me, "text": text,
-                   "created_at": now}
-        _add_updates(conn, {user: {"type": "message", "message": message} for user in members})
+        message = _message_json(conn, message_id)
+        _add_updates(conn, {user: {"type": "message", "message": json.loads(message)} for user in members})
     bottle.request.app.feed.publish()
-    return message
+    return _json_text(message)
 
 
 @route("GET", "/chats/<chat_id>/messages")
@@ -1109,7 +1164,7 @@ def list_messages(chat_id):
     page = rows[:limit] if after is not None else rows[:limit][::-1]
     messages = ",".join(row[0] for row in page)
     has_more = "true" if len(rows) > limit else "false"
-    return _json_text(f'{{"messages": [{messages}], "has_more": {has_more}}}')
+    return _json_text(f'{{"messages":[{messages}],"has_more":{has_more}}}')
 
 
 @route("POST", "/chats/<chat_id>/read")
@@ -1198,7 +1253,7 @@ def _add_updates(conn, events):
     app, now = bottle.request.app, time.time()
     conn.executemany(
         "INSERT INTO updates (user_id, created_at, payload) VALUES (?, ?, ?)",
-        [(user, now, json.dumps(event)) for user, event in events.items()],
+        [(user, now, _to_json(event)) for user, event in events.items()],
     )
     retention = app.options["updates_hours"] * 3600
     if now >= app.feed.pruned_at + min(PRUNE_SECONDS, retention):
@@ -1276,6 +1331,15 @@ DEMO_CHATS = [  # two usernames, then (author, text) from the oldest
 ]
 
 
+def _has_demo_logins(app):
+    """Whether the first demo user is there with the demo password (an earlier --demo seeded it)."""
+    with app.db.connection() as conn:
+        row = conn.execute(
+            "SELECT password_hash FROM users WHERE email_key = ?", (_fold(DEMO_USERS[0][0]),)
+        ).fetchone()
+    return row is not None and verify_password(DEMO_PASSWORD, row["password_hash"])
+
+
 def seed_demo(app):
     """Fill an empty database with demo users, dialogs and messages; False if it had users."""
     with app.db.connection() as conn:
@@ -1291,7 +1355,7 @@ def seed_demo(app):
             ids[username] = conn.execute(
                 "INSERT INTO users (email, email_key, username, username_key, name, status, phone,"
                 " password_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (email, email.casefold(), username, username, name, status, phone, password_hash,
+                (email, _fold(email), username, _fold(username), name, status, phone, password_hash,
                  _iso(now - 7 * 86400)),
             ).lastrowid
         # The oldest dialog first, so that message ids grow with time.
@@ -1423,6 +1487,8 @@ def make_app(
     app.feed = Feed(max_waiting=threads - max(threads // 4, min(2, threads - 1), 1))
     app.warned_origins = set()
     app.default_error_handler = _bottle_error_page
+    app.uninstall(bottle.JSONPlugin)
+    app.install(bottle.JSONPlugin(json_dumps=_to_json))
     app.add_hook("before_request", _check_path_encoding)
     app.add_hook("before_request", _answer_preflight)
     app.add_hook("before_request", _delay_response)
@@ -1446,11 +1512,12 @@ def _with_access_log(app):
 
     def logged(environ, start_response):
         started = time.perf_counter()
+        # Read before the app runs: Bottle rewrites PATH_INFO while it routes.
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
 
         def start(status, headers, exc_info=None):
-            path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
-            log.info("%s %s %s %.1f ms", environ["REQUEST_METHOD"], ascii(path)[1:-1],
-                     status.split()[0], (time.perf_counter() - started) * 1000)
+            log.info("%s %s %s %.1f ms", method, _readable_path(path), status.split()[0],
+                     (time.perf_counter() - started) * 1000)
             return start_response(status, headers, exc_info)
 
         return app(environ, start)
@@ -1458,17 +1525,41 @@ def _with_access_log(app):
     return logged
 
 
-def _create_server(app, host, port):
-    """A waitress server for `app`, bound and listening, not yet serving."""
+def _readable_path(path):
+    """A WSGI path (its bytes as Latin-1) for the log: UTF-8 as text, anything else
+    (bytes that are not UTF-8, control characters, spaces, %) percent-encoded."""
+    text = path.encode("latin-1").decode("utf-8", "surrogateescape")
+    return "".join(
+        c if c.isprintable() and c not in " %" else urllib.parse.quote(c.encode("utf-8", "surrogateescape"))
+        for c in text
+    )
+
+
+def _bind(host, port):
+    """A socket bound to host and port (0: a free one), before anything else is set up,
+    so that a port in use fails a start that has created nothing yet."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _create_server(app, sock):
+    """A waitress server for `app` on a bound socket, listening, not yet serving."""
     # waitress warns "Task queue depth is N" whenever every thread is busy:
     # normal under load, and the logging costs a quarter of the throughput.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
     wsgi = app if app.options["quiet"] else _with_access_log(app)
     return waitress.server.create_server(
         wsgi,
-        host=address,
-        port=port,
+        sockets=[sock],
         threads=app.options["threads"],
         max_request_body_size=app.options["max_photo_bytes"] + MULTIPART_OVERHEAD + BODY_LIMIT_SLACK,
         max_request_header_size=MAX_HEADER_BYTES,
@@ -1520,11 +1611,17 @@ class Server:
     """
 
     def __init__(self, app=None, *, db=":memory:", host=DEFAULT_HOST, port=0, **options):
-        self.app = make_app(db, **options) if app is None else app
+        sock = _bind(host, port)
+        try:
+            self.app = make_app(db, **options) if app is None else app
+        except BaseException:
+            sock.close()
+            raise
         self._owns_app = app is None
         try:
-            self._server = _create_server(self.app, host, port)
+            self._server = _create_server(self.app, sock)
         except BaseException:
+            sock.close()
             self._close_app()
             raise
         self.host, self.port = host, int(self._server.effective_port)
@@ -1557,7 +1654,12 @@ class Server:
 
 def serve(app, host=DEFAULT_HOST, port=DEFAULT_PORT):
     """Serve `app` with waitress until SIGTERM or Ctrl-C (on the main thread; else forever)."""
-    server = _create_server(app, host, port)
+    _serve(app, _bind(host, port), host)
+
+
+def _serve(app, sock, host):
+    """Serve `app` on a socket bound to `host` until SIGTERM or Ctrl-C."""
+    server = _create_server(app, sock)
     stopping = threading.Event()
 
     def stop(signum, frame):
@@ -1639,25 +1741,50 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     try:
-        app = make_app(args.db, threads=args.threads, demo=args.demo, delay=args.delay,
-                       cors_origins=args.cors_origins, allow_reset=args.allow_reset,
-                       secure_cookies=args.secure_cookies, quiet=args.quiet)
-    except (sqlite3.Error, OSError) as exc:
-        print(f"messenger: cannot open the database {args.db!r}: {exc}", file=sys.stderr)
-        return 1
-    if args.demo:
-        print("demo data added:" if app.demo_seeded else
-              "the database already has users, so no demo data was added; the demo logins are:",
-              ", ".join(user[0] for user in DEMO_USERS), f"(password: {DEMO_PASSWORD})")
-    try:
-        serve(app, args.host, args.port)
+        sock = _bind(args.host, args.port)
     except OSError as exc:
         print(f"messenger: cannot listen on {args.host} port {args.port}: {exc.strerror or exc}",
               file=sys.stderr)
         return 1
+    try:
+        app = _open_app(args)
+    except (sqlite3.Error, OSError) as exc:
+        sock.close()
+        print(f"messenger: cannot open the database {args.db!r}: {exc}", file=sys.stderr)
+        return 1
+    if args.demo and not app.demo_seeded and not _has_demo_logins(app):
+        sock.close()
+        app.db.close()
+        print(f"messenger: {args.db} already has users of its own, so --demo adds none and its"
+              " logins would fail; give the demo a database of its own: messenger --demo --db demo.db",
+              file=sys.stderr)
+        return 1
+    if args.demo:
+        print("demo data added:" if app.demo_seeded else "the demo data is already there:",
+              ", ".join(user[0] for user in DEMO_USERS), f"(password: {DEMO_PASSWORD})")
+    try:
+        _serve(app, sock, args.host)
     finally:
         app.db.close()
     return 0
+
+
+def _open_app(args):
+    """make_app from the flags; a database file this start created is removed if it fails."""
+    directory = os.path.dirname(os.path.abspath(args.db))
+    if args.db != ":memory:" and not os.path.isdir(directory):
+        raise OSError(f"the directory {directory!r} does not exist")
+    new_file = args.db != ":memory:" and not os.path.exists(args.db)
+    try:
+        return make_app(args.db, threads=args.threads, demo=args.demo, delay=args.delay,
+                        cors_origins=args.cors_origins, allow_reset=args.allow_reset,
+                        secure_cookies=args.secure_cookies, quiet=args.quiet)
+    except BaseException:
+        if new_file:
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.remove(args.db + suffix)
+        raise
 
 
 if __name__ == "__main__":

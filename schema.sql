@@ -1,22 +1,26 @@
--- The messenger database, schema version 1.
+-- The messenger database, schema version 2.
 --
--- messenger.py runs this file once, on a database whose user_version is 0,
--- inside one transaction. Every statement may run twice (two processes
--- starting on one new file), hence IF NOT EXISTS. Later versions add
--- migrations in messenger.py and raise user_version.
+-- messenger.py runs this file in parts, each inside one transaction: on a
+-- new database (user_version 0) everything up to "-- upgrades", then the
+-- search index; on an older one, only its upgrade steps at the end, then
+-- the search index. Every statement may run twice (two processes starting
+-- on one new file), hence IF NOT EXISTS.
 
 CREATE TABLE IF NOT EXISTS users (
     id            INTEGER PRIMARY KEY,
     email         TEXT NOT NULL,
-    email_key     TEXT NOT NULL UNIQUE,     -- casefolded email
+    email_key     TEXT NOT NULL UNIQUE,     -- the email, NFC-normalised and casefolded
     username      TEXT NOT NULL,
-    username_key  TEXT NOT NULL UNIQUE,     -- casefolded username
+    username_key  TEXT NOT NULL UNIQUE,     -- the username, NFC-normalised and casefolded
+    -- what a search compares: Russian is written with and without ё
+    search_key    TEXT GENERATED ALWAYS AS (replace(username_key, 'ё', 'е')) VIRTUAL,
     name          TEXT NOT NULL DEFAULT '',
     status        TEXT NOT NULL DEFAULT '',
     phone         TEXT NOT NULL DEFAULT '',
     password_hash TEXT NOT NULL,            -- pbkdf2_sha256$iterations$salt$hash
     created_at    TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS users_by_search_key ON users (search_key, username_key);
 
 -- A session is known by the SHA-256 of its token; the token itself is
 -- only ever in the client's cookie.
@@ -89,25 +93,43 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id);
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
+
+-- upgrades
+-- Each step brings a database from the version before it to its own.
+
+-- upgrade to 2: keys are NFC-normalised (fold() is messenger.py's, lent to
+-- this connection), searches fold ё into е, the search index follows.
+DROP TRIGGER IF EXISTS users_search_insert;
+DROP TRIGGER IF EXISTS users_search_delete;
+DROP TRIGGER IF EXISTS users_search_update;
+DROP TABLE IF EXISTS users_search;
+-- OR IGNORE: two users whose keys differed only in normalisation keep theirs.
+UPDATE OR IGNORE users SET email_key = fold(email), username_key = fold(username);
+ALTER TABLE users ADD COLUMN
+    search_key TEXT GENERATED ALWAYS AS (replace(username_key, 'ё', 'е')) VIRTUAL;
+CREATE INDEX IF NOT EXISTS users_by_search_key ON users (search_key, username_key);
+PRAGMA user_version = 2;
 
 -- search-index
 -- What follows runs only where SQLite has FTS5 (3.34+ for trigrams). It
--- indexes every three-character piece of each casefolded username, so a
+-- indexes every three-character piece of each user's search key, so a
 -- search of 3+ characters finds its matches without reading every user;
 -- shorter searches, and SQLite without FTS5, scan with instr().
 CREATE VIRTUAL TABLE IF NOT EXISTS users_search USING fts5 (
-    username_key, content = 'users', content_rowid = 'id', tokenize = 'trigram case_sensitive 1'
+    search_key, content = 'users', content_rowid = 'id', tokenize = 'trigram case_sensitive 1'
 );
 CREATE TRIGGER IF NOT EXISTS users_search_insert AFTER INSERT ON users BEGIN
-    INSERT INTO users_search (rowid, username_key) VALUES (new.id, new.username_key);
+    INSERT INTO users_search (rowid, search_key) VALUES (new.id, new.search_key);
 END;
 CREATE TRIGGER IF NOT EXISTS users_search_delete AFTER DELETE ON users BEGIN
-    INSERT INTO users_search (users_search, rowid, username_key)
-    VALUES ('delete', old.id, old.username_key);
+    INSERT INTO users_search (users_search, rowid, search_key)
+    VALUES ('delete', old.id, old.search_key);
 END;
 CREATE TRIGGER IF NOT EXISTS users_search_update AFTER UPDATE OF username_key ON users BEGIN
-    INSERT INTO users_search (users_search, rowid, username_key)
-    VALUES ('delete', old.id, old.username_key);
-    INSERT INTO users_search (rowid, username_key) VALUES (new.id, new.username_key);
+    INSERT INTO users_search (users_search, rowid, search_key)
+    VALUES ('delete', old.id, old.search_key);
+    INSERT INTO users_search (rowid, search_key) VALUES (new.id, new.search_key);
 END;
+-- Index the users already there (after an upgrade; on a new database, none).
+INSERT INTO users_search (users_search) VALUES ('rebuild');

@@ -577,39 +577,51 @@ def test_search_takes_wildcards_literally(login, text):
     assert search(client, text) == expected
 
 
-SEARCH_USERNAMES = ["ann", "Anna", "xannx", "joanna", "ЁЖИК", "ёжик_2", "a_b", "a.b", "ab_c",
-                    "ANNA.B", "straße", "user100", "user1000", "quote_me"]
+SEARCH_USERNAMES = ["ann", "Anna", "xannx", "joanna", "ЁЖИК", "ёжик_2", "ежик3", "Пётр", "петр2",
+                    "ПЁТР_ПЕТРОВ", "a_b", "a.b", "ab_c", "ANNA.B", "straße", "user100", "user1000",
+                    "quote_me"]
 
 
-@pytest.fixture
-def many_users(app):
-    """The SEARCH_USERNAMES, and enough user<n> names that 'user' has more matches than are sorted."""
+@pytest.fixture(scope="module")
+def many_users(tmp_path_factory):
+    """An app with the SEARCH_USERNAMES, and enough user<n> names that 'user' has more
+    matches than are sorted: (app, every username)."""
     usernames = SEARCH_USERNAMES + [f"user{n:05}" for n in range(messenger.SORTED_SEARCH_MATCHES + 100)]
+    app = messenger.make_app(str(tmp_path_factory.mktemp("search") / "search.db"))
     with app.db.transaction() as conn:
         conn.executemany(
             "INSERT INTO users (email, email_key, username, username_key, password_hash, created_at)"
             " VALUES (?, ?, ?, ?, 'x', '')",
-            [(f"{n}@example.com", f"{n}@example.com", username, username.casefold())
+            [(f"{n}@example.com", f"{n}@example.com", username, messenger._fold(username))
              for n, username in enumerate(usernames)],
         )
-    return app, [username.casefold() for username in usernames]
+    yield app, usernames
+    app.db.close()
 
 
 def test_search_index_is_built_where_sqlite_has_fts5(app):
     assert app.db.search_index  # Python's own SQLite builds have FTS5
 
 
-@pytest.mark.parametrize("query", ["ann", "ANN", "anna", "nna", "ёжи", "ЁЖИК_2", "a_b", "_b_",
-                                   "b_c", ".b", "ss", "strasse", "STRASSE", "user100", "ser10",
-                                   "user", "ser", "er1", "1", "zzz", '"qu', "e_me", "%", "an", "a"])
+@pytest.mark.parametrize("query", ["ann", "ANN", "anna", "nna", "ёжи", "ЕЖИ", "ЁЖИК_2", "петр",
+                                   "пётр", "ПЁТР_", "a_b", "_b_", "b_c", ".b", "ss", "strasse",
+                                   "STRASSE", "user100", "ser10", "user", "ser", "er1", "1", "zzz",
+                                   '"qu', "e_me", "%", "an", "a"])
 @pytest.mark.parametrize("limit, offset", [(50, 0), (7, 3), (100, 1050)])
 @pytest.mark.parametrize("use_index", [True, False], ids=["index", "scan"])
 def test_find_users_matches_a_reference(many_users, query, limit, offset, use_index):
-    app, keys = many_users
-    key = query.casefold()
-    reference = sorted((k for k in keys if key in k), key=lambda k: (k != key, not k.startswith(key), k))
+    app, usernames = many_users
+    # The contract, in Python: casefolded, ё read as е; exact, then prefix,
+    # then the rest, each by search key (then by casefolded username).
+    key = query.casefold().replace("ё", "е")
+    matches = [(name.casefold().replace("ё", "е"), name.casefold()) for name in usernames]
+    reference = [name for search_key, name in sorted(
+        (m for m in matches if key in m[0]),
+        key=lambda m: (m[0] != key, not m[0].startswith(key), m),
+    )]
     with app.db.connection() as conn:
-        found = [row["username_key"] for row in messenger.find_users(conn, key, limit, offset, use_index)]
+        found = [row["username_key"] for row in
+                 messenger.find_users(conn, messenger._search_fold(query), limit, offset, use_index)]
     assert found == reference[offset:offset + limit]
 
 
@@ -1017,6 +1029,64 @@ def test_read_others_chat_is_not_found(login, chat):
 # ---------------------------------------------------------------------------
 
 
+def messenger_command():
+    """The `messenger` command as users run it, on this checkout's code: the installed
+    console script when there is one (CI installs it), else `python messenger.py`."""
+    script = shutil.which("messenger", path=os.path.dirname(sys.executable))
+    command = [script] if script else [sys.executable, messenger.__file__]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(messenger.__file__)))
+    return command, env
+
+
+def run_cli(*args, cwd=None):
+    """Run the messenger command to its end: a CompletedProcess with text output."""
+    command, env = messenger_command()
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60, cwd=cwd,
+                          env=env)
+
+
+class Process:
+    """The messenger command serving on a free port in its own process; its log is collected."""
+
+    def __init__(self, *args):
+        command, env = messenger_command()
+        self.popen = subprocess.Popen([*command, "--port", "0", *args], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env)
+        self.stdout = []  # the lines printed before the start line, and the start line
+        while not (self.stdout and " serving " in self.stdout[-1]):
+            line = self.popen.stdout.readline()
+            assert line, "".join(self.stdout) + self.popen.stderr.read()
+            self.stdout.append(line)
+        self.url = re.search(r"http://\S+?(?=/ )", self.stdout[-1])[0]
+        self.log = []  # stderr, line by line
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self):
+        for line in self.popen.stderr:
+            self.log.append(line)
+
+    def stop(self, signum=signal.SIGTERM):
+        """Stop it with a signal: its exit status."""
+        self.popen.send_signal(signum)
+        try:
+            return self.popen.wait(timeout=15)
+        finally:
+            self._reader.join(timeout=5)
+
+    def kill(self):
+        self.popen.kill()
+        self.popen.wait(timeout=15)
+        self._reader.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.popen.poll() is None:
+            self.kill()
+
+
 def call(url, method="GET", body=None, cookie=None):
     """One HTTP request; (status, JSON body, headers)."""
     data = None if body is None else json.dumps(body).encode()
@@ -1290,26 +1360,10 @@ def test_server_poll_wakes_when_a_message_arrives(server):
     assert statistics.median(delays) < 1.0
 
 
-def start_process(db):
-    """Run `python messenger.py` on a free port; (process, url)."""
-    process = subprocess.Popen(
-        [sys.executable, messenger.__file__, "--port", "0", "--db", db, "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    line = process.stdout.readline()
-    url = re.search(r"(http://\S+?)/? ", line)
-    assert url, line + process.stderr.read()
-    return process, url[1]
-
-
 def test_server_poll_wakes_for_a_message_from_another_process(tmp_path, server):
     ann_cookie, bob_cookie, chat_id, offset = two_in_a_chat(server)
-    process, url = start_process(server.app.db.path)
-    try:
-        delay, _ = wake_up_seconds(server, ann_cookie, url, bob_cookie, chat_id, offset)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with Process("--db", server.app.db.path, "--quiet") as process:
+        delay, _ = wake_up_seconds(server, ann_cookie, process.url, bob_cookie, chat_id, offset)
     assert delay < 2.0  # about POLL_RECHECK_SECONDS
 
 
@@ -1429,45 +1483,33 @@ class QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
         pass
 
 
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, messenger.__file__, *args], capture_output=True,
-                          text=True, timeout=60, cwd=cwd)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_cli_serves_logs_and_stops_cleanly(tmp_path, signum):
-    process, url = start_process_logged(str(tmp_path / "cli.db"))
-    assert call(url + "/nowhere")[0] == 404
-    process.send_signal(signum)
-    assert process.wait(timeout=15) == 0
-    log = process.stderr.read()
+    db = str(tmp_path / "cli.db")
+    with Process("--db", db) as process:
+        assert re.fullmatch(rf"messenger {re.escape(messenger.__version__)} serving "
+                            rf"http://127\.0\.0\.1:\d+/ with database {re.escape(db)}\n",
+                            process.stdout[-1])
+        assert call(process.url + "/nowhere")[0] == 404
+        assert process.stop(signum) == 0
+    log = "".join(process.log)
     assert re.search(r"^GET /nowhere 404 \d+\.\d ms$", log, re.M), log
     assert "Traceback" not in log
 
 
-def start_process_logged(db):
-    process = subprocess.Popen([sys.executable, messenger.__file__, "--port", "0", "--db", db],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    assert re.fullmatch(rf"messenger {re.escape(messenger.__version__)} serving "
-                        rf"http://127\.0\.0\.1:\d+/ with database {re.escape(db)}\n", line), line
-    return process, re.search(r"http://\S+?(?=/ )", line)[0]
-
-
 def test_cli_runs_on_one_core(tmp_path):
-    process, _ = start_process(str(tmp_path / "core.db"))
-    with open(f"/proc/{process.pid}/status") as status:
-        allowed = re.search(r"Cpus_allowed_list:\s*(\S+)", status.read())[1]
-    process.terminate()
-    assert process.wait(timeout=15) == 0
+    with Process("--db", str(tmp_path / "core.db"), "--quiet") as process:
+        with open(f"/proc/{process.popen.pid}/status") as status:
+            allowed = re.search(r"Cpus_allowed_list:\s*(\S+)", status.read())[1]
+        assert process.stop() == 0
     assert re.fullmatch(r"\d+", allowed)  # one core, not a list or a range
 
 
 def test_cli_memory_database(tmp_path):
-    process, url = start_process(":memory:")
-    assert call(url + "/users", "POST", {"email": "a@example.com", "password": PASSWORD})[0] == 200
-    process.terminate()
-    assert process.wait(timeout=15) == 0
+    with Process("--db", ":memory:", "--quiet") as process:
+        assert call(process.url + "/users", "POST",
+                    {"email": "a@example.com", "password": PASSWORD})[0] == 200
+        assert process.stop() == 0
 
 
 def test_cli_python_dash_m_is_the_same_program():
@@ -1695,12 +1737,9 @@ def test_cli_bad_delay_is_one_line(value):
 
 
 def test_cli_demo_prints_the_logins(tmp_path):
-    process = subprocess.Popen([sys.executable, messenger.__file__, "--port", "0", "--demo",
-                                "--db", str(tmp_path / "demo.db")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = [process.stdout.readline(), process.stdout.readline()]
-    process.terminate()
-    assert process.wait(timeout=15) == 0
+    with Process("--demo", "--db", str(tmp_path / "demo.db")) as process:
+        assert process.stop() == 0
+    lines = process.stdout
     assert lines[0].startswith("demo data added: ann@example.com, bob@example.com")
     assert messenger.DEMO_PASSWORD in lines[0] and "serving http://" in lines[1]
 
@@ -1912,46 +1951,44 @@ def test_login_unknown_email_takes_as_long_as_wrong_password(tmp_path):
 
 def test_acknowledged_messages_survive_sigkill(tmp_path):
     db = str(tmp_path / "crash.db")
-    process, url = start_process(db)
-    ann_id, ann_cookie = login_at(url, "ann@example.com")
-    bob_id, _ = login_at(url, "bob@example.com")
-    chat_id = call(url + "/chats", "POST", {"user_id": bob_id}, ann_cookie)[1]["id"]
     acknowledged, stop = [], threading.Event()
 
-    def sender():
+    def sender(url, cookie, chat_id):
         n = 0
         while not stop.is_set():
             try:
                 status, body, _ = call(f"{url}/chats/{chat_id}/messages", "POST", {"text": str(n)},
-                                       ann_cookie)
-            except OSError:
-                return  # the server is gone
+                                       cookie)
+            except (OSError, http.client.HTTPException, ValueError):
+                return  # the server is gone, maybe in the middle of an answer
             if status == 200:
                 acknowledged.append(body["id"])
             n += 1
 
-    threads = [threading.Thread(target=sender) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)
-    process.kill()  # SIGKILL, in the middle of the stream
-    process.wait(timeout=10)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=30)
-    process, url = start_process(db)
-    try:
-        _, cookie = login_at(url, "ann@example.com")
+    with Process("--db", db, "--quiet") as process:
+        _, ann_cookie = login_at(process.url, "ann@example.com")
+        bob_id, _ = login_at(process.url, "bob@example.com")
+        chat_id = call(process.url + "/chats", "POST", {"user_id": bob_id}, ann_cookie)[1]["id"]
+        threads = [threading.Thread(target=sender, args=(process.url, ann_cookie, chat_id))
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        process.kill()  # SIGKILL, in the middle of the stream
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    with Process("--db", db, "--quiet") as process:
+        _, cookie = login_at(process.url, "ann@example.com")
         stored, after = [], 0
         while True:
-            body = call(f"{url}/chats/{chat_id}/messages?limit=100&after={after}", cookie=cookie)[1]
+            body = call(f"{process.url}/chats/{chat_id}/messages?limit=100&after={after}",
+                        cookie=cookie)[1]
             stored += [message["id"] for message in body["messages"]]
             if not body["has_more"]:
                 break
             after = stored[-1]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+        assert process.stop() == 0
     assert len(acknowledged) > 10
     assert len(stored) == len(set(stored))
     assert set(acknowledged) <= set(stored)
