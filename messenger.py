@@ -137,7 +137,7 @@ def _schema_scripts():
     with open(_schema_path(), encoding="utf-8") as f:
         schema, _, rest = f.read().partition("-- upgrades\n")
     upgrades, _, search_index = rest.partition("-- search-index\n")
-    parts = re.split(r"^-- upgrade to (\d+)\b", upgrades, flags=re.M)[1:]
+    parts = re.split(r"^-- upgrade to (\d+)\b.*$", upgrades, flags=re.M)[1:]
     return schema, {int(version): step for version, step in zip(parts[::2], parts[1::2])}, search_index
 
 

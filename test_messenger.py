@@ -202,6 +202,21 @@ def test_time_stamps_are_iso_utc_with_milliseconds(ann, chat):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", message["created_at"])
 
 
+def test_json_is_utf8_text_in_every_response(ann, chat):
+    ann.put_json(f"/users/{ann.user['id']}", profile(ann, name="Иван 👋"))
+    message = ann.post_json(f"/chats/{chat['id']}/messages", {"text": "Привет 👋"})
+    history = ann.get(f"/chats/{chat['id']}/messages")
+    assert "Иван 👋".encode() in ann.get("/users").body
+    assert "Привет 👋".encode() in message.body and b"\\u" not in message.body + history.body
+
+
+def test_message_bytes_do_not_depend_on_the_route(ann, bob, chat):
+    sent = ann.post_json(f"/chats/{chat['id']}/messages", {"text": 'tab\t"quote" \\ 👋'}).body
+    assert sent in ann.get(f"/chats/{chat['id']}/messages").body
+    assert sent in ann.get(f"/chats/{chat['id']}").body
+    assert sent in bob.get("/updates").body
+
+
 # ---------------------------------------------------------------------------
 # 2. Sessions
 # ---------------------------------------------------------------------------
@@ -448,6 +463,31 @@ def test_register_username_taken_with_unicode_case_folding(api):
     assert error(api.post_json("/users", body, status=400)) == ("username_taken", "username")
 
 
+def test_register_username_is_compared_after_nfc(api):
+    composed = api.post_json("/users", {"email": "a@example.com", "password": PASSWORD,
+                                        "username": "й"}).json
+    body = {"email": "b@example.com", "password": PASSWORD, "username": "И\u0306"}
+    assert composed["username"] == "\u0439"
+    assert error(api.post_json("/users", body, status=400)) == ("username_taken", "username")
+
+
+def test_register_decomposed_username_is_stored_composed(api):
+    body = {"email": "a@example.com", "password": PASSWORD, "username": "и\u0306ога"}
+    assert api.post_json("/users", body).json["username"] == "йога"
+
+
+def test_login_email_is_compared_after_nfc(api):
+    api.post_json("/users", {"email": "йо@example.com", "password": PASSWORD})
+    body = {"email": "И\u0306О@example.com", "password": PASSWORD}
+    assert api.post_json("/login", body).json["email"] == "йо@example.com"
+
+
+def test_register_yo_and_ye_usernames_are_different(api):
+    api.post_json("/users", {"email": "a@example.com", "password": PASSWORD, "username": "ёжик"})
+    body = {"email": "b@example.com", "password": PASSWORD, "username": "ежик"}
+    assert api.post_json("/users", body).json["username"] == "ежик"
+
+
 @pytest.mark.parametrize("email, username", [
     ("john.doe+news@example.com", "john.doenews"),
     ("Ёжик@example.com", "Ёжик"),
@@ -567,6 +607,15 @@ def test_search_folds_unicode_case(login):
     client = login(username="zed")
     login(username="ЁЖИК")
     assert search(client, "ёжик") == ["ЁЖИК"]
+
+
+@pytest.mark.parametrize("text, found", [("петр", ["пётр", "Петр_2"]), ("пётр", ["пётр", "Петр_2"]),
+                                         ("ЕЖ", ["Ёжик"]), ("жик", ["Ёжик"])])
+def test_search_reads_yo_as_ye(login, text, found):
+    client = login(username="zed")
+    for username in ("Ёжик", "пётр", "Петр_2", "иван"):
+        login(username=username)
+    assert search(client, text) == found
 
 
 @pytest.mark.parametrize("text", ["%", "_", "\\", "a%", "'; DROP TABLE users; --"])
@@ -1124,9 +1173,9 @@ def server(tmp_path):
         yield server
 
 
-def login_at(url, email):
+def login_at(url, email, **fields):
     """Register and log in through a real server at url: (user id, cookie)."""
-    call(url + "/users", "POST", {"email": email, "password": PASSWORD})
+    call(url + "/users", "POST", dict(fields, email=email, password=PASSWORD))
     status, user, headers = call(url + "/login", "POST", {"email": email, "password": PASSWORD})
     return user["id"], headers["Set-Cookie"].split(";")[0]
 
@@ -1161,6 +1210,41 @@ def test_database_newer_than_the_code_is_refused(tmp_path):
     sqlite3.connect(path).execute(f"PRAGMA user_version = {messenger.SCHEMA_VERSION + 1}").connection.close()
     with pytest.raises(sqlite3.DatabaseError, match="schema version"):
         messenger.make_app(path)
+
+
+def test_database_of_version_1_is_upgraded(tmp_path):
+    path = str(tmp_path / "old.db")
+    messenger.make_app(path).db.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    fresh_objects = conn.execute("SELECT type, name FROM sqlite_master ORDER BY name").fetchall()
+    fresh_columns = sorted(conn.execute("SELECT name FROM pragma_table_xinfo('users')").fetchall())
+    # Back to version 1: keys casefolded without NFC, no search key, the index on username_key.
+    conn.executescript("""
+        DROP TRIGGER users_search_insert; DROP TRIGGER users_search_delete;
+        DROP TRIGGER users_search_update; DROP TABLE users_search; DROP INDEX users_by_search_key;
+        ALTER TABLE users DROP COLUMN search_key;
+        CREATE VIRTUAL TABLE users_search USING fts5 (username_key, content = 'users',
+            content_rowid = 'id', tokenize = 'trigram case_sensitive 1');
+        CREATE TRIGGER users_search_insert AFTER INSERT ON users BEGIN
+            INSERT INTO users_search (rowid, username_key) VALUES (new.id, new.username_key);
+        END;
+        CREATE TRIGGER users_search_delete AFTER DELETE ON users BEGIN SELECT 1; END;
+        CREATE TRIGGER users_search_update AFTER UPDATE OF username_key ON users BEGIN SELECT 1; END;
+        PRAGMA user_version = 1;
+    """)
+    conn.execute("INSERT INTO users (email, email_key, username, username_key, password_hash,"
+                 " created_at) VALUES ('И\u0306@x.ru', 'и\u0306@x.ru', 'Пётр', 'пётр', ?, '')",
+                 (messenger.hash_password(PASSWORD, ITERATIONS),))
+    conn.close()
+    app = messenger.make_app(path, password_iterations=ITERATIONS)
+    client = webtest.TestApp(app)
+    client.post_json("/login", {"email": "й@x.ru", "password": PASSWORD})
+    found = client.get("/users/" + urllib.parse.quote("етр")).json["users"]
+    app.db.close()
+    assert [user["username"] for user in found] == ["Пётр"]
+    assert query(app, "PRAGMA user_version") == [(messenger.SCHEMA_VERSION,)]
+    assert query(app, "SELECT type, name FROM sqlite_master ORDER BY name") == fresh_objects
+    assert sorted(query(app, "SELECT name FROM pragma_table_xinfo('users')")) == fresh_columns
 
 
 def test_memory_database_from_eight_threads():
@@ -1497,6 +1581,18 @@ def test_cli_serves_logs_and_stops_cleanly(tmp_path, signum):
     assert "Traceback" not in log
 
 
+@pytest.mark.parametrize("path, logged", [
+    ("/users/caf%C3%A9", "/users/café"), ("/users/%FF", "/users/%FF"),
+    ("/a%0Ab", "/a%0Ab"), ("/a%20b%25", "/a%20b%25"), ("/%D0%BD%D0%B5%D1%82", "/нет"),
+])
+def test_access_log_shows_the_path_as_sent(caplog, path, logged):
+    app = messenger._with_access_log(lambda environ, start: start("404 Not Found", []) or [b""])
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": urllib.parse.unquote_to_bytes(path).decode("latin-1")}
+    with caplog.at_level(logging.INFO, logger="messenger"):
+        app(environ, lambda status, headers, exc_info=None: None)
+    assert [record.getMessage().rsplit(" ", 2)[0] for record in caplog.records] == [f"GET {logged} 404"]
+
+
 def test_cli_runs_on_one_core(tmp_path):
     with Process("--db", str(tmp_path / "core.db"), "--quiet") as process:
         with open(f"/proc/{process.popen.pid}/status") as status:
@@ -1540,6 +1636,13 @@ def test_cli_port_in_use_is_one_line(tmp_path):
         result = run_cli("--port", str(taken.getsockname()[1]), "--db", str(tmp_path / "x.db"))
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "cannot listen" in result.stderr
+    assert os.listdir(tmp_path) == []  # a start that fails creates no file
+
+
+def test_cli_database_in_a_missing_directory_says_so(tmp_path):
+    result = run_cli("--port", "0", "--db", str(tmp_path / "missing-dir" / "x.db"))
+    assert result.returncode == 1
+    assert f"the directory '{tmp_path / 'missing-dir'}' does not exist" in result.stderr
 
 
 @pytest.mark.parametrize("db", ["missing-dir/x.db", "."])
@@ -1734,6 +1837,32 @@ def test_cli_bad_delay_is_one_line(value):
     result = run_cli("--delay", value)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "--delay" in result.stderr
+
+
+def test_cli_bad_delay_range_is_shown_as_written():
+    assert "not 400-200 " in run_cli("--delay", "400-200").stderr
+
+
+def test_cli_demo_refuses_a_database_with_other_users(tmp_path):
+    db = str(tmp_path / "messenger.db")
+    app = messenger.make_app(db, password_iterations=ITERATIONS)
+    webtest.TestApp(app).post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    app.db.close()
+    result = run_cli("--demo", "--port", "0", "--db", db)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "messenger --demo --db demo.db" in result.stderr
+
+
+def test_cli_demo_starts_again_on_its_own_database(tmp_path):
+    db = str(tmp_path / "demo.db")
+    with Process("--demo", "--db", db, "--quiet") as first:
+        assert first.stop() == 0
+    with Process("--demo", "--db", db, "--quiet") as again:
+        status, user, _ = call(again.url + "/login", "POST",
+                               {"email": "bob@example.com", "password": messenger.DEMO_PASSWORD})
+        assert again.stop() == 0
+    assert again.stdout[0].startswith("the demo data is already there: ann@example.com")
+    assert (status, user["username"]) == (200, "bob")
 
 
 def test_cli_demo_prints_the_logins(tmp_path):
@@ -1992,3 +2121,146 @@ def test_acknowledged_messages_survive_sigkill(tmp_path):
     assert len(acknowledged) > 10
     assert len(stored) == len(set(stored))
     assert set(acknowledged) <= set(stored)
+
+
+# ---------------------------------------------------------------------------
+# The product as users run it: the command, default flags, a file, non-Latin text
+# ---------------------------------------------------------------------------
+
+
+def request_raw(url, method, path, body=None, cookie=None, headers=()):
+    """One request with a path sent as written (non-ASCII percent-encoded): (status, headers, body bytes)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    sent = dict(headers, Origin="http://localhost:3000")
+    if cookie:
+        sent.setdefault("Cookie", cookie)
+    try:
+        connection.request(method, urllib.parse.quote(path, safe="/?&=%"), data, sent)
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def multipart(filename, data):
+    boundary = "boundary42"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="photo"; filename="{filename}"\r\n'
+            "Content-Type: image/png\r\n\r\n")
+    return (head.encode() + data + f"\r\n--{boundary}--\r\n".encode(),
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    """The messenger command with its default flags (the access log on) on a file database,
+    with two users who share a dialog with one message: (process, context for the paths)."""
+    db = str(tmp_path_factory.mktemp("default") / "messenger.db")
+    with Process("--db", db) as process:
+        ivan_id, ivan = login_at(process.url, "иван@пример.рф", username="Иван", name="Иван Петров")
+        petr_id, _ = login_at(process.url, "пётр@пример.рф", username="пётр")
+        chat_id = call(process.url + "/chats", "POST", {"user_id": petr_id}, ivan)[1]["id"]
+        message_id = call(f"{process.url}/chats/{chat_id}/messages", "POST",
+                          {"text": "Привет, мир! 👋"}, ivan)[1]["id"]
+        yield process, {"me": ivan_id, "other": petr_id, "chat": chat_id, "message": message_id,
+                        "cookie": ivan}
+        assert process.stop() == 0
+
+
+def cyrillic_profile(**changes):
+    return dict({"email": "иван@пример.рф", "username": "Иван", "name": "Иван Петров",
+                 "status": "Пишу из Москвы ✈", "phone": "+7 (900) 000-00-00"}, **changes)
+
+
+# Every route once, with non-ASCII paths and bodies, errors included:
+# method, path, body, status, error mnemonic (None: a success).
+NON_LATIN_REQUESTS = [
+    ("GET", "/", None, 200, None),
+    ("GET", "/нет", None, 404, "not_found"),
+    ("POST", "/чаты/1", {}, 404, "not_found"),
+    ("OPTIONS", "/чаты", None, 204, None),
+    ("POST", "/users", {"email": "анна@пример.рф", "password": "пароль-длинный", "username": "Анна"},
+     200, None),
+    ("POST", "/sign_up", {"email": "иван@пример.рф", "password": "пароль-длинный"}, 400, "email_taken"),
+    ("POST", "/users", {"email": "ёж@пример.рф", "password": "пароль-длинный", "username": "ёж ёж"},
+     400, "invalid_field"),
+    ("POST", "/login", {"email": "ИВАН@пример.рф", "password": "неверный пароль"}, 400,
+     "wrong_credentials"),
+    ("GET", "/users", None, 200, None),
+    ("GET", "/users/{me}", None, 200, None),
+    ("GET", "/users/иван", None, 200, None),
+    ("GET", "/users/ПЕТР?limit=5", None, 200, None),
+    ("GET", "/users/%FF", None, 400, "invalid_field"),
+    ("GET", "/users/а?limit=ноль", None, 400, "invalid_field"),
+    ("DELETE", "/users/иван", None, 405, "method_not_allowed"),
+    ("PUT", "/users/{me}", cyrillic_profile(), 200, None),
+    ("PUT", "/users/{me}", cyrillic_profile(username="пётр"), 400, "username_taken"),
+    ("PUT", "/users/{other}", cyrillic_profile(), 403, "forbidden"),
+    ("PUT", "/users/１", cyrillic_profile(), 400, "invalid_field"),
+    ("POST", "/photos", multipart("фото.png", PNG), 200, None),
+    ("POST", "/photos", multipart("фото.svg", b"<svg/>"), 400, "invalid_image"),
+    ("GET", "/photos/{other}", None, 200, None),
+    ("GET", "/photos/１２", None, 400, "invalid_field"),
+    ("DELETE", "/photos", None, 200, None),
+    ("POST", "/chats", {"user_id": "{other}"}, 200, None),
+    ("POST", "/chats", {"user_id": "２"}, 400, "invalid_field"),
+    ("GET", "/chats", None, 200, None),
+    ("GET", "/chats/{chat}", None, 200, None),
+    ("GET", "/chats/%EF%BC%91%EF%BC%92", None, 400, "invalid_field"),
+    ("POST", "/chats/{chat}/messages", {"text": "Ещё одно сообщение 🙂"}, 200, None),
+    ("POST", "/chats/{chat}/messages", b'{"text": "\\ud800"}', 400, "invalid_field"),
+    ("POST", "/chats/{chat}/messages", b'{"text": "\xd0\xbf\xff"}', 400, "invalid_json"),
+    ("GET", "/chats/{chat}/messages?before=ёлка", None, 400, "invalid_field"),
+    ("GET", "/chats/{chat}/messages", None, 200, None),
+    ("POST", "/chats/{chat}/read", {"message_id": "{message}"}, 200, None),
+    ("GET", "/updates?offset=ё", None, 400, "invalid_field"),
+    ("GET", "/updates", None, 200, None),
+    ("DELETE", "/logout", (None, {"Cookie": "session_id=чужой".encode()}), 401, "not_authorized"),
+]
+
+
+def logged_path(path):
+    """How the access log shows a path: the query left out, UTF-8 as text."""
+    return urllib.parse.unquote(path.split("?")[0], errors="strict") if "%FF" not in path else path
+
+
+@pytest.mark.parametrize("method, path, body, status, mnemonic", NON_LATIN_REQUESTS,
+                         ids=[f"{r[0]} {r[1]} {r[3]}" for r in NON_LATIN_REQUESTS])
+def test_default_command_answers_non_latin_requests(default_server, method, path, body, status,
+                                                    mnemonic):
+    process, context = default_server
+    path = path.format(**context)
+    headers = {}
+    if isinstance(body, tuple):
+        body, headers = body
+    elif isinstance(body, dict):
+        body = json.loads(json.dumps(body).replace('"{other}"', str(context["other"]))
+                          .replace('"{message}"', str(context["message"])))
+    seen = len(process.log)
+    answer_status, answer_headers, answer = request_raw(process.url, method, path, body,
+                                                        context["cookie"], headers)
+    assert answer_status == status, answer
+    assert answer_headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    if mnemonic:
+        assert answer_headers["Content-Type"] == "application/json"
+        assert json.loads(answer)["error"] == mnemonic
+    line = f"{method} {logged_path(path)} {status} "
+    assert wait_until(lambda: any(entry.startswith(line) for entry in process.log[seen:])), \
+        process.log[seen:]
+    assert not [entry for entry in process.log if "Traceback" in entry or "Exception" in entry]
+
+
+def test_default_command_writes_utf8_json(default_server):
+    process, context = default_server
+    _, _, answer = request_raw(process.url, "GET", "/users/{}".format(context["me"]),
+                               cookie=context["cookie"])
+    assert "Иван Петров".encode() in answer and b"\\u" not in answer
+
+
+def test_every_route_is_in_the_non_latin_tour(app):
+    toured = {(method, re.sub(r"/(\{\w+\}|[^/?]*[^\x00-\x7f/?][^/?]*|%FF|１２?)", "/1",
+                             path.split("?")[0]))
+              for method, path, *_ in NON_LATIN_REQUESTS}
+    routes = {(r.method, re.sub(r"<[^>]+>", "1", r.rule)) for r in app.routes}
+    assert routes <= toured
