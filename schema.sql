@@ -78,7 +78,16 @@ CREATE TABLE IF NOT EXISTS messages (
     chat_id    INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
     author_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     text       TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    edited_at  TEXT,                        -- null until the text is edited
+    reactions  TEXT NOT NULL DEFAULT '{}',  -- {"emoji": [user id, ...], ...}
+    -- The message as every answer shows it, written whenever the row is: a
+    -- page of history, read far more often than messages are written, then
+    -- joins stored text instead of building each object again.
+    json       TEXT GENERATED ALWAYS AS (json_object(
+                   'id', id, 'chat_id', chat_id, 'author_id', author_id, 'text', text,
+                   'created_at', created_at, 'edited_at', edited_at,
+                   'reactions', json(reactions))) STORED
 );
 CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, id);
 
@@ -99,7 +108,8 @@ PRAGMA user_version = 2;
 -- Each step brings a database from the version before it to its own.
 
 -- upgrade to 2: keys are NFC-normalised (fold() is messenger.py's, lent to
--- this connection), searches fold ё into е, the search index follows.
+-- this connection), searches fold ё into е, the search index follows, and
+-- messages store their JSON.
 DROP TRIGGER IF EXISTS users_search_insert;
 DROP TRIGGER IF EXISTS users_search_delete;
 DROP TRIGGER IF EXISTS users_search_update;
@@ -109,6 +119,26 @@ UPDATE OR IGNORE users SET email_key = fold(email), username_key = fold(username
 ALTER TABLE users ADD COLUMN
     search_key TEXT GENERATED ALWAYS AS (replace(username_key, 'ё', 'е')) VIRTUAL;
 CREATE INDEX IF NOT EXISTS users_by_search_key ON users (search_key, username_key);
+-- Messages gain edited_at, reactions and their stored JSON: a new table,
+-- since SQLite adds stored columns only to a table it creates.
+CREATE TABLE messages_2 (
+    id         INTEGER PRIMARY KEY,
+    chat_id    INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    author_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    text       TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    edited_at  TEXT,
+    reactions  TEXT NOT NULL DEFAULT '{}',
+    json       TEXT GENERATED ALWAYS AS (json_object(
+                   'id', id, 'chat_id', chat_id, 'author_id', author_id, 'text', text,
+                   'created_at', created_at, 'edited_at', edited_at,
+                   'reactions', json(reactions))) STORED
+);
+INSERT INTO messages_2 (id, chat_id, author_id, text, created_at)
+    SELECT id, chat_id, author_id, text, created_at FROM messages;
+DROP TABLE messages;
+ALTER TABLE messages_2 RENAME TO messages;
+CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, id);
 PRAGMA user_version = 2;
 
 -- search-index

@@ -940,7 +940,8 @@ def test_get_chat_unknown(ann):
 def test_send_message_returns_it(ann, chat):
     message = send(ann, chat["id"], "hello\n\tworld")
     assert message == {"id": message["id"], "chat_id": chat["id"], "author_id": ann.user["id"],
-                       "text": "hello\n\tworld", "created_at": message["created_at"]}
+                       "text": "hello\n\tworld", "created_at": message["created_at"],
+                       "edited_at": None, "reactions": {}}
 
 
 def test_send_message_moves_authors_read_mark(ann, bob, chat):
@@ -1013,7 +1014,8 @@ def test_history_after(ann, chat, history):
 def test_history_message_objects(ann, chat, history):
     body = ann.get(f"/chats/{chat['id']}/messages", params={"limit": 1}).json
     assert body == {"messages": [{"id": history[-1], "chat_id": chat["id"], "author_id": ann.user["id"],
-                                  "text": "4", "created_at": body["messages"][0]["created_at"]}],
+                                  "text": "4", "created_at": body["messages"][0]["created_at"],
+                                  "edited_at": None, "reactions": {}}],
                     "has_more": True}
 
 
@@ -1212,39 +1214,128 @@ def test_database_newer_than_the_code_is_refused(tmp_path):
         messenger.make_app(path)
 
 
+# A database as version 1 of messenger made it (schema.sql without its comments).
+SCHEMA_V1 = """
+CREATE TABLE users (
+    id            INTEGER PRIMARY KEY,
+    email         TEXT NOT NULL,
+    email_key     TEXT NOT NULL UNIQUE,
+    username      TEXT NOT NULL,
+    username_key  TEXT NOT NULL UNIQUE,
+    name          TEXT NOT NULL DEFAULT '',
+    status        TEXT NOT NULL DEFAULT '',
+    phone         TEXT NOT NULL DEFAULT '',
+    password_hash TEXT NOT NULL,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE sessions (
+    token_hash TEXT PRIMARY KEY,
+    user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX sessions_by_user ON sessions (user_id);
+CREATE TABLE login_failures (
+    email_key TEXT NOT NULL,
+    failed_at REAL NOT NULL
+);
+CREATE INDEX login_failures_by_email ON login_failures (email_key, failed_at);
+CREATE TABLE photos (
+    user_id      INTEGER PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+    content_type TEXT NOT NULL,
+    etag         TEXT NOT NULL,
+    data         BLOB NOT NULL
+);
+CREATE TABLE chats (
+    id              INTEGER PRIMARY KEY,
+    user_low        INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    user_high       INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at      TEXT NOT NULL,
+    last_message_id INTEGER REFERENCES messages (id),
+    opened_after    REAL NOT NULL,
+    UNIQUE (user_low, user_high),
+    CHECK (user_low < user_high)
+);
+CREATE TABLE chat_members (
+    chat_id      INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    last_read_id INTEGER NOT NULL DEFAULT 0,
+    unread_count INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (chat_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX chat_members_by_user ON chat_members (user_id, chat_id);
+CREATE TABLE messages (
+    id         INTEGER PRIMARY KEY,
+    chat_id    INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    author_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    text       TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX messages_by_chat ON messages (chat_id, id);
+CREATE TABLE updates (
+    id         INTEGER PRIMARY KEY,
+    user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at REAL NOT NULL,
+    payload    TEXT NOT NULL
+);
+CREATE INDEX updates_by_user ON updates (user_id, id);
+PRAGMA user_version = 1;
+CREATE VIRTUAL TABLE users_search USING fts5 (
+    username_key, content = 'users', content_rowid = 'id', tokenize = 'trigram case_sensitive 1'
+);
+CREATE TRIGGER users_search_insert AFTER INSERT ON users BEGIN
+    INSERT INTO users_search (rowid, username_key) VALUES (new.id, new.username_key);
+END;
+CREATE TRIGGER users_search_delete AFTER DELETE ON users BEGIN
+    INSERT INTO users_search (users_search, rowid, username_key)
+    VALUES ('delete', old.id, old.username_key);
+END;
+CREATE TRIGGER users_search_update AFTER UPDATE OF username_key ON users BEGIN
+    INSERT INTO users_search (users_search, rowid, username_key)
+    VALUES ('delete', old.id, old.username_key);
+    INSERT INTO users_search (rowid, username_key) VALUES (new.id, new.username_key);
+END;
+"""
+
+
+def schema_shape(path):
+    """What a schema is made of: its objects, and each table's columns."""
+    conn = sqlite3.connect(path)
+    try:
+        objects = conn.execute("SELECT type, name FROM sqlite_master ORDER BY name").fetchall()
+        return objects, {name: sorted(column[1:] for column in  # not its position
+                                      conn.execute(f"PRAGMA table_xinfo('{name}')"))
+                         for kind, name in objects if kind == "table"}
+    finally:
+        conn.close()
+
+
 def test_database_of_version_1_is_upgraded(tmp_path):
-    path = str(tmp_path / "old.db")
-    messenger.make_app(path).db.close()
-    conn = sqlite3.connect(path, isolation_level=None)
-    fresh_objects = conn.execute("SELECT type, name FROM sqlite_master ORDER BY name").fetchall()
-    fresh_columns = sorted(conn.execute("SELECT name FROM pragma_table_xinfo('users')").fetchall())
-    # Back to version 1: keys casefolded without NFC, no search key, the index on username_key.
-    conn.executescript("""
-        DROP TRIGGER users_search_insert; DROP TRIGGER users_search_delete;
-        DROP TRIGGER users_search_update; DROP TABLE users_search; DROP INDEX users_by_search_key;
-        ALTER TABLE users DROP COLUMN search_key;
-        CREATE VIRTUAL TABLE users_search USING fts5 (username_key, content = 'users',
-            content_rowid = 'id', tokenize = 'trigram case_sensitive 1');
-        CREATE TRIGGER users_search_insert AFTER INSERT ON users BEGIN
-            INSERT INTO users_search (rowid, username_key) VALUES (new.id, new.username_key);
-        END;
-        CREATE TRIGGER users_search_delete AFTER DELETE ON users BEGIN SELECT 1; END;
-        CREATE TRIGGER users_search_update AFTER UPDATE OF username_key ON users BEGIN SELECT 1; END;
-        PRAGMA user_version = 1;
-    """)
-    conn.execute("INSERT INTO users (email, email_key, username, username_key, password_hash,"
-                 " created_at) VALUES ('И\u0306@x.ru', 'и\u0306@x.ru', 'Пётр', 'пётр', ?, '')",
-                 (messenger.hash_password(PASSWORD, ITERATIONS),))
+    fresh, old = str(tmp_path / "fresh.db"), str(tmp_path / "old.db")
+    messenger.make_app(fresh).db.close()
+    conn = sqlite3.connect(old, isolation_level=None)
+    conn.executescript(SCHEMA_V1)
+    password_hash = messenger.hash_password(PASSWORD, ITERATIONS)
+    conn.executemany(  # version 1 casefolded keys without NFC: this й is и and a breve
+        "INSERT INTO users (email, email_key, username, username_key, password_hash, created_at)"
+        " VALUES (?, ?, ?, ?, ?, '')",
+        [("И\u0306@x.ru", "и\u0306@x.ru", "Пётр", "пётр", password_hash),
+         ("b@x.ru", "b@x.ru", "b", "b", password_hash)])
+    conn.execute("INSERT INTO chats (user_low, user_high, created_at, opened_after, last_message_id)"
+                 " VALUES (1, 2, '', 0, 1)")
+    conn.execute("INSERT INTO chat_members (chat_id, user_id) VALUES (1, 1), (1, 2)")
+    conn.execute("INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (1, 2, 'hi', 't')")
     conn.close()
-    app = messenger.make_app(path, password_iterations=ITERATIONS)
+    app = messenger.make_app(old, password_iterations=ITERATIONS)
     client = webtest.TestApp(app)
     client.post_json("/login", {"email": "й@x.ru", "password": PASSWORD})
     found = client.get("/users/" + urllib.parse.quote("етр")).json["users"]
+    history = client.get("/chats/1/messages").json["messages"]
     app.db.close()
     assert [user["username"] for user in found] == ["Пётр"]
+    assert history == [{"id": 1, "chat_id": 1, "author_id": 2, "text": "hi", "created_at": "t",
+                        "edited_at": None, "reactions": {}}]
     assert query(app, "PRAGMA user_version") == [(messenger.SCHEMA_VERSION,)]
-    assert query(app, "SELECT type, name FROM sqlite_master ORDER BY name") == fresh_objects
-    assert sorted(query(app, "SELECT name FROM pragma_table_xinfo('users')")) == fresh_columns
+    assert schema_shape(old) == schema_shape(fresh)
 
 
 def test_memory_database_from_eight_threads():

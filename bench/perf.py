@@ -3,7 +3,7 @@
     python bench/perf.py              # about four minutes
     python bench/perf.py --quick      # smaller data and shorter runs, for a first look
 
-The ceiling is a bare Bottle route that returns a small JSON object, served
+The ceiling is a bare Bottle route that returns a six-field user object, served
 by the same waitress configuration and loaded by the same client in the same
 run. Servers run in their own processes; with two or more cores the server is
 pinned to one core and the load generator to another. The load generator is
@@ -33,6 +33,16 @@ import messenger  # noqa: E402  (this checkout's, not an installed one)
 
 PASSWORD = "benchmark password"
 BENCH_ITERATIONS = 1000  # logins are not what this measures
+# What the ceiling's route answers: a user object, as GET /users does.
+CEILING_USER = {"id": 1, "email": "ann@example.com", "username": "ann", "name": "Ann Lee",
+                "status": "", "phone": ""}
+# Messages of a real chat's length, about 70 characters, one in Russian.
+MESSAGES = [
+    "Are we still on for Saturday? I could pick you up at ten, if that works.",
+    "Yes! Let's meet at the park entrance, I'll bring sandwiches and coffee.",
+    "Привет! Я уже на месте, возле входа в парк. Ты скоро будешь? Жду тебя.",
+    "Running ten minutes late, sorry, the bus broke down near the station :(",
+]
 WORDS = ["anna", "boris", "chen", "dmitri", "elena", "farid", "gosha", "hana", "ivan", "julia",
          "kofi", "lena", "maria", "nikolai", "olga", "pavel", "qiu", "rosa", "sasha", "tomas"]
 
@@ -48,7 +58,7 @@ def serve(kind, db, synchronous, cpu, threads):
         os.sched_setaffinity(0, {cpu})
     if kind == "ceiling":
         app = messenger.bottle.Bottle()
-        app.route("/ping", callback=lambda: {"ok": True})
+        app.route("/ping", callback=lambda: CEILING_USER)
         app.options = {"quiet": True, "threads": threads, "max_photo_bytes": messenger.MAX_PHOTO_BYTES}
     else:
         if synchronous != "NORMAL":
@@ -61,9 +71,9 @@ def serve(kind, db, synchronous, cpu, threads):
 
             messenger.Database._open = _open
         app = messenger.make_app(db, password_iterations=BENCH_ITERATIONS, quiet=True, threads=threads)
-    server = messenger._create_server(app, "127.0.0.1", 0)
-    print(f"http://127.0.0.1:{server.effective_port}", flush=True)
-    messenger._run_server(server, threading.Event())
+    server = messenger.Server(app, port=0)
+    print(server.url, flush=True)
+    threading.Event().wait()  # until the benchmark terminates this process
 
 
 class Server:
@@ -174,7 +184,8 @@ def small_world(server, dialogs=20, history=60):
         server.call("POST", f"/chats/{chat_id}/messages", {"text": "hello there"}, other_cookie)
         chats.append(chat_id)
     for n in range(history):
-        server.call("POST", f"/chats/{chats[0]}/messages", {"text": f"message {n}"}, cookie)
+        text = MESSAGES[n % len(MESSAGES)]
+        server.call("POST", f"/chats/{chats[0]}/messages", {"text": text}, cookie)
     return cookie, chats[0]
 
 
