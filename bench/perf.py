@@ -237,19 +237,29 @@ def big_world(path, users, dialogs, messages):
 # ---------------------------------------------------------------------------
 
 
-def ratio_line(name, rps, p99, ceiling, goal=None):
-    ratio = rps / ceiling
+def ratio_line(name, rps, p99, ratio, goal=None):
     verdict = "" if goal is None else f"  goal >= {goal:.2f}: {'met' if ratio >= goal else 'MISSED'}"
     print(f"  {name:<34} {rps:8.0f} req/s  p99 {p99:7.1f} ms  {ratio:5.2f} of ceiling{verdict}")
 
 
 def throughput(args, cpus):
-    print(f"\n1. Throughput, {args.connections} connections, {args.seconds} s each")
+    print(f"\n1. Throughput, {args.connections} connections, {args.seconds} s a run; each case"
+          f" alternates with the ceiling {args.rounds} times, the medians shown")
     server_cpu, client_cpu = cpus
     ceiling_server = Server("ceiling", cpu=server_cpu)
-    ceiling, p99 = load(ceiling_server.url + "/ping", args.seconds, args.connections, cpu=client_cpu)
-    ceiling_server.stop()
-    ratio_line("ceiling: bare Bottle JSON route", ceiling, p99, ceiling)
+    ceiling_url = ceiling_server.url + "/ping"
+
+    def measure(url, cookie=None, post=None):
+        """Median requests/s, median p99, and the median ratio to the ceiling run just before."""
+        runs = []
+        for _ in range(args.rounds):
+            ceiling = load(ceiling_url, args.seconds, args.connections, cpu=client_cpu)[0]
+            rps, p99 = load(url, args.seconds, args.connections, cookie, post, client_cpu)
+            runs.append((rps, p99, rps / ceiling, ceiling))
+        return [statistics.median(column) for column in zip(*runs)]
+
+    ceiling, p99, _, _ = measure(ceiling_url)
+    ratio_line("ceiling: bare Bottle JSON route", ceiling, p99, 1.0)
     results = {}
     for synchronous in ("NORMAL", "FULL"):
         workdir = tempfile.mkdtemp(prefix="messenger-perf-")
@@ -262,15 +272,15 @@ def throughput(args, cpus):
         if synchronous == "FULL":
             cases = cases[3:]
         for name, path, post, goal in cases:
-            rps, p99 = load(server.url + path, args.seconds, args.connections, cookie, post, client_cpu)
+            rps, p99, ratio, _ = measure(server.url + path, cookie, post)
             label = name if synchronous == "NORMAL" else name + " (synchronous=FULL)"
-            ratio_line(label, rps, p99, ceiling, goal if synchronous == "NORMAL" else None)
+            ratio_line(label, rps, p99, ratio, goal if synchronous == "NORMAL" else None)
             results[label] = rps
         server.stop()
         shutil.rmtree(workdir)
+    ceiling_server.stop()
     full = results["POST /chats/{id}/messages (synchronous=FULL)"] / results["POST /chats/{id}/messages"]
     print(f"  synchronous=FULL keeps {full:.2f} of the sends per second of NORMAL")
-    return ceiling
 
 
 def scaling(args, cpus):
@@ -395,6 +405,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smaller data, shorter runs")
     parser.add_argument("--seconds", type=int, default=None, help="length of each load run")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="how often each throughput case alternates with the ceiling")
+    parser.add_argument("--only", action="append", choices=list(SECTIONS),
+                        help="run only this section (repeatable)")
     parser.add_argument("--serve", choices=["ceiling", "messenger"], help=argparse.SUPPRESS)
     parser.add_argument("--db", default=":memory:", help=argparse.SUPPRESS)
     parser.add_argument("--synchronous", default="NORMAL", help=argparse.SUPPRESS)
@@ -410,11 +424,17 @@ def main():
           f" SQLite {sqlite3.sqlite_version}, {os.cpu_count()} cores;"
           f" load from {'wrk' if shutil.which('wrk') else 'a Python client (install wrk for better figures)'};"
           f" server on core {cpus[0]}, load on core {cpus[1]}")
-    throughput(args, cpus)
-    scaling(args, cpus)
-    startup()
-    wake_up(50 if args.quick else 200)
-    pinning(args)
+    for name in args.only or SECTIONS:
+        SECTIONS[name](args, cpus)
+
+
+SECTIONS = {
+    "throughput": throughput,
+    "scaling": scaling,
+    "startup": lambda args, cpus: startup(),
+    "wakeup": lambda args, cpus: wake_up(50 if args.quick else 200),
+    "pinning": lambda args, cpus: pinning(args),
+}
 
 
 if __name__ == "__main__":
