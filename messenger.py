@@ -24,11 +24,15 @@ The HTTP API is documented in README.md, route by route.
 __version__ = "0.1.0"
 
 import argparse
+import collections
 import contextlib
+import dataclasses
 import datetime
+import functools
 import hashlib
 import hmac
 import html
+import inspect
 import json
 import logging
 import math
@@ -58,18 +62,26 @@ DEFAULT_PORT = 8080
 DEFAULT_DB = "messenger.db"
 DEFAULT_THREADS = 16  # a waiting long poll holds one
 
+HOUR_SECONDS = 60 * 60
+DAY_SECONDS = 24 * HOUR_SECONDS
+
 PASSWORD_ITERATIONS = 600_000  # PBKDF2-HMAC-SHA256, as OWASP recommends
 SALT_BYTES = 16
 TOKEN_BYTES = 32  # 256 bits
 SESSION_COOKIE = "session_id"
+MAX_TOKEN_CHARS = 128  # a token is 43; a longer cookie value is not one of ours
+MAX_SESSION_COOKIES = 4  # how many session_id cookies of one request are tried
 SESSION_DAYS = 30
 LOGIN_FAILURE_LIMIT = 10
-LOGIN_FAILURE_WINDOW = 15 * 60  # seconds
+LOGIN_FAILURE_WINDOW_SECONDS = 15 * 60
 
 MAX_JSON_BYTES = 100 * 1024
 MAX_PHOTO_BYTES = 5 * 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024  # what a photo upload may add to the file
 MAX_ID = 2**63 - 1  # SQLite's largest integer
+MAX_ID_DIGITS = len(str(MAX_ID))
+MAX_USERNAME_CHARS = 32
+USERNAME_BASE_CHARS = MAX_USERNAME_CHARS - 4  # a username made from an email leaves room for a number
 MAX_SEARCH_CHARS = 64
 # A search of 3+ characters sorts all its matches when they are few (about
 # 3 µs each), else walks the username index in order until its page is full
@@ -97,18 +109,18 @@ MAX_HEADER_BYTES = 64 * 1024
 CONNECTION_LIMIT = 1000
 # an idle keep-alive connection is dropped after this many seconds; above
 # the longest poll so a waiting client is never cut off.
-CHANNEL_TIMEOUT = 120
+CHANNEL_TIMEOUT_SECONDS = 120
 # on stop, requests under way get this long to finish and be sent.
 STOP_GRACE_SECONDS = 5
 
 # Browsers may call the API with credentials from these origins, any port.
 LOCAL_ORIGIN = re.compile(r"http://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?")
 CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
-CORS_MAX_AGE = 7200  # seconds a browser may cache a preflight
+CORS_MAX_AGE_SECONDS = 7200  # how long a browser may keep a preflight's answer
 
 DEMO_PASSWORD = "demo-password"
 
-BUSY_TIMEOUT = 10  # seconds a connection waits for another's write lock
+BUSY_TIMEOUT_SECONDS = 10  # how long a connection waits for another process's write lock
 JSON_TYPE = "application/json"
 # One encoder writes every JSON body: text as UTF-8 ("Привет", not
 # "\u041f..."), without spaces, as SQLite's json_object() writes it, so a
@@ -116,6 +128,74 @@ JSON_TYPE = "application/json"
 _to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 log = logging.getLogger("messenger")
+
+# ---------------------------------------------------------------------------
+# Options: what an app can be told, by keyword or by command-line flag
+# ---------------------------------------------------------------------------
+
+
+def parse_delay(value):
+    """A --delay value, "MS" or "MIN-MAX" milliseconds (or a number, or a pair), as (min, max)."""
+    if isinstance(value, (int, float)):
+        low = high = value
+    elif isinstance(value, (tuple, list)):
+        low, high = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:-\s*(\d+(?:\.\d+)?)\s*)?", str(value))
+        if not match:
+            raise ValueError(f"a delay is MS or MIN-MAX milliseconds, not {value!r}")
+        low, high = float(match[1]), float(match[2] or match[1])
+    if not 0 <= low <= high:
+        raise ValueError(f"a delay range must be 0 <= MIN <= MAX, not {value}")
+    return low, high
+
+
+def _delay_argument(text):
+    try:
+        return parse_delay(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _option(default, flag_help=None, **flag):
+    """An option's default, and for a command-line flag its help and argparse settings."""
+    # The flag is named like the option (--allow-reset) unless `flag` gives a name.
+    return dataclasses.field(default=default, metadata={"help": flag_help, "flag": flag})
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """An app's options, each defined once: make_app's keywords, and the flags of those with help."""
+
+    threads: int = _option(DEFAULT_THREADS, f"worker threads; a waiting long poll holds one"
+                                            f" (default {DEFAULT_THREADS})", type=int, metavar="N")
+    demo: bool = _option(False, "fill an empty database with demo users, chats and messages,"
+                                " and print their logins")
+    delay: tuple = _option((0, 0), "milliseconds to wait before each answer (a fixed or a random"
+                                   " delay), to exercise a client's loading states (default 0)",
+                           type=_delay_argument, metavar="MS|MIN-MAX")
+    cors_origins: frozenset = _option(frozenset(), "an origin (such as https://app.example.com)"
+                                      " allowed to call the API from a browser with credentials,"
+                                      " besides http://localhost, 127.0.0.1 and [::1] on any port;"
+                                      " repeatable; '*' allows any",
+                                      name="--cors-origin", action="append", metavar="ORIGIN")
+    allow_reset: bool = _option(False, "enable POST /__reset, which empties the database (and"
+                                       " re-seeds the demo data with --demo), for clients'"
+                                       " end-to-end tests")
+    secure_cookies: bool = _option(False, "mark the session cookie Secure (when served behind HTTPS)")
+    quiet: bool = _option(False, "no access log")
+    password_iterations: int = _option(PASSWORD_ITERATIONS)  # tests lower it
+    session_days: float = _option(SESSION_DAYS)
+    max_photo_bytes: int = _option(MAX_PHOTO_BYTES)
+    updates_hours: float = _option(UPDATES_HOURS)
+
+    def __post_init__(self):
+        """Check the values, and keep the delay as (min, max) and the origins as a set."""
+        if self.threads < 1:
+            raise ValueError("threads must be at least 1")
+        object.__setattr__(self, "delay", parse_delay(self.delay))
+        object.__setattr__(self, "cors_origins", frozenset(self.cors_origins))
+
 
 # ---------------------------------------------------------------------------
 # The database
@@ -162,11 +242,10 @@ def _has_fts5_trigram(conn):
 
 
 class Database:
-    """SQLite connections for one app, shared safely by the server's threads.
+    """SQLite connections for one app, shared safely by the server's threads."""
 
-    A connection is borrowed for one piece of work and given back, so a
-    thread that waits (a long poll) holds none.
-    """
+    # A connection is borrowed for one piece of work and given back, so a
+    # thread that waits (a long poll) holds none.
 
     def __init__(self, path):
         if path == ":memory:":
@@ -197,7 +276,7 @@ class Database:
         conn = sqlite3.connect(
             self.target,
             uri=self.uri,
-            timeout=BUSY_TIMEOUT,
+            timeout=BUSY_TIMEOUT_SECONDS,
             isolation_level=None,  # transactions are begun explicitly
             check_same_thread=False,  # a pooled connection moves between threads
         )
@@ -326,13 +405,13 @@ _BOTTLE_ERRORS = {
 }
 
 
-def _bottle_error_page(err):
+def _bottle_error_page(app, err):
     """Turn an error raised by Bottle itself (routing, a crash) into the JSON shape."""
     mnemonic, message = _BOTTLE_ERRORS.get(
         err.status_code, ("invalid_field", "The request is malformed.")
     )
     bottle.response.content_type = JSON_TYPE
-    _add_cors_headers()  # a crash skips the after_request hook
+    _add_cors_headers(app)  # a crash skips the after_request hook
     return _error_body(mnemonic, message)
 
 
@@ -344,31 +423,29 @@ def _check_path_encoding():
         raise error(400, "invalid_field", "The request path is not valid UTF-8.", "path") from None
 
 
-def _cors_origin():
-    """The request's Origin if it may call the API with credentials, else None."""
+def _cors_origin(allowed):
+    """The request's Origin if it is local or `allowed` to call the API with credentials, else None."""
     origin = bottle.request.environ.get("HTTP_ORIGIN")
-    allowed = bottle.request.app.options["cors_origins"]
     if origin and (LOCAL_ORIGIN.fullmatch(origin) or origin in allowed or "*" in allowed):
         return origin
     return None
 
 
-def _add_cors_headers():
+def _add_cors_headers(app):
     """Let an allowed origin read this answer, errors included (an after_request hook)."""
     bottle.response.set_header("Vary", "Origin")
-    origin = _cors_origin()
+    origin = _cors_origin(app.options.cors_origins)
     if origin:
         bottle.response.set_header("Access-Control-Allow-Origin", origin)
         bottle.response.set_header("Access-Control-Allow-Credentials", "true")
         bottle.response.set_header("Access-Control-Expose-Headers", "Retry-After, ETag")
-        _warn_cross_site(origin)
+        _warn_cross_site(app.warned_origins, origin)
 
 
-def _warn_cross_site(origin):
+def _warn_cross_site(warned, origin):
     """Warn once per origin when a page on localhost calls 127.0.0.1, or the other way round."""
     hosts = {urllib.parse.urlsplit(origin).hostname,
              urllib.parse.urlsplit("//" + bottle.request.get_header("Host", "")).hostname}
-    warned = bottle.request.app.warned_origins
     if hosts == {"localhost", "127.0.0.1"} and origin not in warned:
         warned.add(origin)
         log.warning(
@@ -378,39 +455,23 @@ def _warn_cross_site(origin):
         )
 
 
-def _answer_preflight():
+def _answer_preflight(options):
     """Answer a CORS preflight (any OPTIONS request) with 204, before routing."""
     if bottle.request.method != "OPTIONS":
         return
     headers = {}
-    if _cors_origin():
+    if _cors_origin(options.cors_origins):
         headers = {
             "Access-Control-Allow-Methods": CORS_METHODS,
             "Access-Control-Allow-Headers": bottle.request.get_header("Access-Control-Request-Headers", ""),
-            "Access-Control-Max-Age": str(CORS_MAX_AGE),
+            "Access-Control-Max-Age": str(CORS_MAX_AGE_SECONDS),
         }
     raise bottle.HTTPResponse(status=204, headers=headers)
 
 
-def parse_delay(value):
-    """A --delay value, "MS" or "MIN-MAX" milliseconds (or a number, or a pair), as (min, max)."""
-    if isinstance(value, (int, float)):
-        low = high = value
-    elif isinstance(value, (tuple, list)):
-        low, high = value
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:-\s*(\d+(?:\.\d+)?)\s*)?", str(value))
-        if not match:
-            raise ValueError(f"a delay is MS or MIN-MAX milliseconds, not {value!r}")
-        low, high = float(match[1]), float(match[2] or match[1])
-    if not 0 <= low <= high:
-        raise ValueError(f"a delay range must be 0 <= MIN <= MAX, not {value}")
-    return low, high
-
-
-def _delay_response():
+def _delay_response(options):
     """Wait as --delay says before answering, so clients can show their loading states."""
-    low, high = bottle.request.app.options["delay"]
+    low, high = options.delay
     if high and bottle.request.method != "OPTIONS":
         time.sleep(random.uniform(low, high) / 1000)
 
@@ -434,7 +495,7 @@ def _json_body():
 
 def _path_id(text):
     """An id from the path: ASCII digits, 1 to 2**63-1 (Bottle's int filter takes -5 and "１２")."""
-    if text.isascii() and text.isdigit() and len(text) <= 19 and 1 <= int(text) <= MAX_ID:
+    if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS and 1 <= int(text) <= MAX_ID:
         return int(text)
     raise _invalid("id", "The id in the path must be a positive integer.")
 
@@ -444,7 +505,7 @@ def _query_int(name, default, low, high):
     text = bottle.request.query.get(name)
     if text is None:
         return default
-    if text.isascii() and text.isdigit() and len(text) <= 19 and low <= int(text) <= high:
+    if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS and low <= int(text) <= high:
         return int(text)
     raise _invalid(name, f"'{name}' must be an integer from {low} to {high}.")
 
@@ -500,25 +561,26 @@ def _token_hash(token):
 
 
 def _session_cookies():
-    """Every session_id value in the Cookie header, read leniently.
-
-    Bottle's cookie parser drops the whole header when one pair is malformed,
-    and keeps only the last of two cookies with the same name.
-    """
+    """Every session_id value in the Cookie header, read leniently."""
+    # Bottle's cookie parser drops the whole header when one pair is malformed,
+    # and keeps only the last of two cookies with the same name.
     header = bottle.request.environ.get("HTTP_COOKIE", "")
     values = []
     for pair in header.split(";"):
         name, _, value = pair.strip().partition("=")
         value = value.strip().strip('"')
-        if name == SESSION_COOKIE and value.isascii() and 0 < len(value) <= 128:
+        if name == SESSION_COOKIE and value.isascii() and 0 < len(value) <= MAX_TOKEN_CHARS:
             values.append(value)
-    return values[:4]
+    return values[:MAX_SESSION_COOKIES]
 
 
-def _session():
-    """The (user id, token hash) of the request's live session, or raise 401."""
+Session = collections.namedtuple("Session", "user_id token_hash")
+
+
+def _session(db):
+    """The request's live session, or raise 401."""
     now = time.time()
-    with bottle.request.app.db.connection() as conn:
+    with db.connection() as conn:
         for token in _session_cookies():
             token_hash = _token_hash(token)
             row = conn.execute(
@@ -526,13 +588,21 @@ def _session():
                 (token_hash, now),
             ).fetchone()
             if row:
-                return row["user_id"], token_hash
+                return Session(row["user_id"], token_hash)
     raise error(401, "not_authorized", "Log in first: no valid session cookie came with the request.")
 
 
-def _me():
-    """The id of the logged-in user, or raise 401."""
-    return _session()[0]
+def _set_session_cookie(options, token):
+    bottle.response.set_cookie(SESSION_COOKIE, token, max_age=options.session_days * DAY_SECONDS,
+                               **_cookie_attributes(options))
+
+
+def _expire_session_cookie(options):
+    bottle.response.delete_cookie(SESSION_COOKIE, **_cookie_attributes(options))
+
+
+def _cookie_attributes(options):
+    return {"path": "/", "httponly": True, "samesite": "lax", "secure": options.secure_cookies}
 
 
 # ---------------------------------------------------------------------------
@@ -563,8 +633,9 @@ def _string(body, field, required):
 
 
 def _fold(text):
-    """Text as names are compared: NFC-normalised (a composed "й" and e + U+0306 are one
-    letter), then Unicode case folding ("Ёж" and "ёж" are one name)."""
+    """Text as names are compared: NFC-normalised, then case-folded."""
+    # NFC: "й" typed as one character and as и + U+0306 is one letter;
+    # case folding: "Ёж" and "ёж" are one name. Folding can undo NFC, hence twice.
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
 
 
@@ -585,7 +656,7 @@ USER_FIELDS = {
         v.count("@") == 1 and not v.startswith("@") and not v.endswith("@")
         and not any(c.isspace() for c in v)
     ), "must be an address with one '@' and no spaces"),
-    "username": (1, 32, lambda v: (
+    "username": (1, MAX_USERNAME_CHARS, lambda v: (
         all(_is_username_char(c) for c in v) and not v.isdecimal()
     ), "may hold letters, digits, '_' and '.', and not only digits"),
     "name": (0, 128, None, ""),
@@ -620,7 +691,7 @@ def _password(body, required):
 
 def _username_from_email(email):
     """A username base from an email's local part, as registration makes one."""
-    base = "".join(c for c in email.split("@")[0] if _is_username_char(c))[:28]
+    base = "".join(c for c in email.split("@")[0] if _is_username_char(c))[:USERNAME_BASE_CHARS]
     return base if base and not base.isdecimal() else "user" + base
 
 
@@ -628,17 +699,44 @@ def _username_from_email(email):
 # Users
 # ---------------------------------------------------------------------------
 
-ROUTES = []  # (method, path, handler) in the order of the contract; make_app installs them
+ROUTES = []  # (method, path, handler, public) in the order of the contract; make_app installs them
 
 
-def route(method, path):
-    """Declare a handler for make_app; its docstring describes it on GET /."""
+def route(method, path, public=False):
+    """Declare a handler for make_app (its docstring describes it on GET /); public: no session."""
 
     def declare(handler):
-        ROUTES.append((method, path, handler))
+        ROUTES.append((method, path, handler, public))
         return handler
 
     return declare
+
+
+class _Context:
+    """A Bottle plugin: each handler gets what its parameters name, `app`, `db`, `me`, `session`."""
+
+    # As Bottle's own sqlite plugin passes `db`. `me` (the caller's id) and
+    # `session` exist on routes that need a session, which is checked here,
+    # before the handler runs, so that the rule lives in one place.
+
+    name, api = "context", 2
+
+    def apply(self, handler, route):
+        wants = inspect.signature(handler).parameters
+        app, public = route.app, route.config.get("public", False)
+        given = {name: value for name, value in (("app", app), ("db", app.db)) if name in wants}
+
+        def with_context(**path_args):
+            context = dict(given)
+            if not public:
+                session = _session(app.db)
+                if "me" in wants:
+                    context["me"] = session.user_id
+                if "session" in wants:
+                    context["session"] = session
+            return handler(**path_args, **context)
+
+        return with_context
 
 
 def _user_json(row):
@@ -668,29 +766,68 @@ def _free_username(conn, base):
         "SELECT 1 FROM users WHERE username_key = ?", (_fold(candidate),)
     ).fetchone():
         suffix = str(number)
-        candidate, number = base[: 32 - len(suffix)] + suffix, number + 1
+        candidate, number = base[: MAX_USERNAME_CHARS - len(suffix)] + suffix, number + 1
     return candidate
 
 
-@route("POST", "/sign_up")
-@route("POST", "/users")
-def register():
+def _insert_user(conn, email, username, password_hash, name="", status="", phone="", created_at=None):
+    """Store a new user; their id."""
+    return conn.execute(
+        "INSERT INTO users (email, email_key, username, username_key, name, status, phone,"
+        " password_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (email, _fold(email), username, _fold(username), name, status, phone, password_hash,
+         created_at or _iso(time.time())),
+    ).lastrowid
+
+
+@route("POST", "/sign_up", public=True)
+@route("POST", "/users", public=True)
+def register(app, db):
     """Register a user: email and password, optionally username, name, status, phone."""
     body = _json_body()
     fields = {field: _user_field(body, field, field == "email") for field in USER_FIELDS}
     password = _password(body, required=True)
-    password_hash = hash_password(password, bottle.request.app.options["password_iterations"])
+    password_hash = hash_password(password, app.options.password_iterations)
     email = fields["email"]
-    with bottle.request.app.db.transaction() as conn:
+    with db.transaction() as conn:
         _taken(conn, email=email, username=fields["username"] or None)
         username = fields["username"] or _free_username(conn, _username_from_email(email))
-        user_id = conn.execute(
-            "INSERT INTO users (email, email_key, username, username_key, name, status, phone,"
-            " password_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (email, _fold(email), username, _fold(username), fields["name"] or "",
-             fields["status"] or "", fields["phone"] or "", password_hash, _iso(time.time())),
-        ).lastrowid
+        user_id = _insert_user(conn, email, username, password_hash, fields["name"] or "",
+                               fields["status"] or "", fields["phone"] or "")
         return _user_json(_load_user(conn, user_id))
+
+
+@route("POST", "/login", public=True)
+def login(app, db):
+    """Log in with email and password: the user, and the session cookie."""
+    body = _json_body()
+    email = _string(body, "email", required=True)
+    password = _string(body, "password", required=True)
+    user = _check_login(app.options, db, _fold(email), password)
+    token = _start_session(app.options, db, user, password)
+    _set_session_cookie(app.options, token)
+    return _user_json(user)
+
+
+def _check_login(options, db, email_key, password):
+    """The user with this email and password, or raise too_many_attempts or wrong_credentials."""
+    now = time.time()
+    with db.connection() as conn:
+        retry_after = _login_retry_after(conn, email_key, now)
+        user = conn.execute("SELECT * FROM users WHERE email_key = ?", (email_key,)).fetchone()
+    if retry_after:
+        raise error(429, "too_many_attempts", "Too many failed logins for this email; try again later.",
+                    headers={"Retry-After": str(retry_after)})
+    if user is None:  # an unknown email costs the time a wrong password does
+        hash_password(password, options.password_iterations)
+    if user is None or not verify_password(password, user["password_hash"]):
+        with db.transaction() as conn:
+            conn.execute("DELETE FROM login_failures WHERE failed_at <= ?",
+                         (now - LOGIN_FAILURE_WINDOW_SECONDS,))
+            conn.execute("INSERT INTO login_failures (email_key, failed_at) VALUES (?, ?)",
+                         (email_key, now))
+        raise error(400, "wrong_credentials", "The email or the password is wrong.")
+    return user
 
 
 def _login_retry_after(conn, email_key, now):
@@ -698,84 +835,68 @@ def _login_retry_after(conn, email_key, now):
     failures = conn.execute(
         "SELECT failed_at FROM login_failures WHERE email_key = ? AND failed_at > ?"
         " ORDER BY failed_at",
-        (email_key, now - LOGIN_FAILURE_WINDOW),
+        (email_key, now - LOGIN_FAILURE_WINDOW_SECONDS),
     ).fetchall()
     if len(failures) < LOGIN_FAILURE_LIMIT:
         return 0
-    return max(1, math.ceil(failures[-LOGIN_FAILURE_LIMIT][0] + LOGIN_FAILURE_WINDOW - now))
+    return max(1, math.ceil(failures[-LOGIN_FAILURE_LIMIT][0] + LOGIN_FAILURE_WINDOW_SECONDS - now))
 
 
-@route("POST", "/login")
-def login():
-    """Log in with email and password: the user, and the session cookie."""
-    body = _json_body()
-    email = _string(body, "email", required=True)
-    password = _string(body, "password", required=True)
-    app, email_key, now = bottle.request.app, _fold(email), time.time()
-    iterations = app.options["password_iterations"]
-    with app.db.connection() as conn:
-        retry_after = _login_retry_after(conn, email_key, now)
-        user = conn.execute("SELECT * FROM users WHERE email_key = ?", (email_key,)).fetchone()
-    if retry_after:
-        raise error(429, "too_many_attempts", "Too many failed logins for this email; try again later.",
-                    headers={"Retry-After": str(retry_after)})
-    if user is None:
-        hash_password(password, iterations)  # so an unknown email costs what a wrong password does
-    if user is None or not verify_password(password, user["password_hash"]):
-        with app.db.transaction() as conn:
-            conn.execute("DELETE FROM login_failures WHERE failed_at <= ?", (now - LOGIN_FAILURE_WINDOW,))
-            conn.execute("INSERT INTO login_failures (email_key, failed_at) VALUES (?, ?)", (email_key, now))
-        raise error(400, "wrong_credentials", "The email or the password is wrong.")
+def _start_session(options, db, user, password):
+    """Start a session for a user who just gave their password; its token."""
     # A hash of a lower cost than today's is replaced while the password is at hand.
-    rehash = _hash_iterations(user["password_hash"]) < iterations
-    new_hash = hash_password(password, iterations) if rehash else None
-    token = secrets.token_urlsafe(TOKEN_BYTES)
-    lifetime = app.options["session_days"] * 86400
-    with app.db.transaction() as conn:
-        conn.execute("DELETE FROM login_failures WHERE email_key = ?", (email_key,))
+    new_hash = None
+    if _hash_iterations(user["password_hash"]) < options.password_iterations:
+        new_hash = hash_password(password, options.password_iterations)
+    token, now = secrets.token_urlsafe(TOKEN_BYTES), time.time()
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM login_failures WHERE email_key = ?", (user["email_key"],))
         conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
         if new_hash:
             conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (new_hash, user["id"]))
         conn.execute(
             "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES (?, ?, ?)",
-            (_token_hash(token), user["id"], now + lifetime),
+            (_token_hash(token), user["id"], now + options.session_days * DAY_SECONDS),
         )
-    bottle.response.set_cookie(
-        SESSION_COOKIE, token, max_age=lifetime, path="/", httponly=True, samesite="lax",
-        secure=app.options["secure_cookies"],
-    )
-    return _user_json(user)
+    return token
 
 
 @route("DELETE", "/logout")
-def logout():
+def logout(app, db, session):
     """End this session: the cookie is expired and its token no longer works."""
-    _, token_hash = _session()
-    with bottle.request.app.db.transaction() as conn:
-        conn.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
-    bottle.response.delete_cookie(
-        SESSION_COOKIE, path="/", httponly=True, samesite="lax",
-        secure=bottle.request.app.options["secure_cookies"],
-    )
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM sessions WHERE token_hash = ?", (session.token_hash,))
+    _expire_session_cookie(app.options)
     return {}
 
 
 @route("GET", "/users")
-def current_user():
+def current_user(db, me):
     """The logged-in user."""
-    me = _me()
-    with bottle.request.app.db.connection() as conn:
+    with db.connection() as conn:
         return _user_json(_load_user(conn, me))
 
 
-def _search_users(query):
+@route("GET", "/users/<user>")
+def get_user(db, me, user):
+    """A user by id (digits), or {"users": [...]} whose username contains the text."""
+    if not user.isdecimal():
+        return _search_users(db, user)
+    user_id = _path_id(user)
+    with db.connection() as conn:
+        row = _load_user(conn, user_id)
+    if row is None:
+        raise _user_not_found()
+    return _user_json(row)
+
+
+def _search_users(db, query):
     limit = _query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
     offset = _query_int("offset", 0, 0, MAX_ID)
     if len(query) > MAX_SEARCH_CHARS:
         raise _invalid("query", f"A search is at most {MAX_SEARCH_CHARS} characters long.")
     if _has_control(query):
         raise _invalid("query", "A search must not contain control characters.")
-    db = bottle.request.app.db
     with db.connection() as conn:
         rows = find_users(conn, _search_fold(query), limit, offset, db.search_index)
     return {"users": [_user_json(row) for row in rows]}
@@ -824,33 +945,39 @@ def _find_inner_matches(conn, key, count, use_index):
     ).fetchall()
 
 
-@route("GET", "/users/<user>")
-def get_user(user):
-    """A user by id (digits), or {"users": [...]} whose username contains the text."""
-    _me()
-    if not user.isdecimal():
-        return _search_users(user)
-    user_id = _path_id(user)
-    with bottle.request.app.db.connection() as conn:
-        row = _load_user(conn, user_id)
-    if row is None:
-        raise _user_not_found()
-    return _user_json(row)
-
-
 @route("PUT", "/users/<user_id>")
-def edit_user(user_id):
+def edit_user(app, db, session, user_id):
     """Replace the caller's profile: all of email, username, name, status, phone; password optional."""
-    me, token_hash = _session()
     user_id = _path_id(user_id)
-    app = bottle.request.app
-    if user_id != me:
-        with app.db.connection() as conn:
-            exists = _load_user(conn, user_id) is not None
-        if exists:
-            raise error(403, "forbidden", "You may only edit your own profile.")
-        raise _user_not_found()
-    body = _json_body()
+    _check_own_profile(db, session.user_id, user_id)
+    fields, password = _profile(_json_body(), user_id)
+    password_hash = hash_password(password, app.options.password_iterations) if password else None
+    with db.transaction() as conn:
+        _taken(conn, fields["email"], fields["username"], except_id=user_id)
+        conn.execute(
+            "UPDATE users SET email = ?, email_key = ?, username = ?, username_key = ?,"
+            " name = ?, status = ?, phone = ? WHERE id = ?",
+            (fields["email"], _fold(fields["email"]), fields["username"],
+             _fold(fields["username"]), fields["name"], fields["status"], fields["phone"], user_id),
+        )
+        if password_hash:
+            _change_password(conn, session, password_hash)
+        return _user_json(_load_user(conn, user_id))
+
+
+def _check_own_profile(db, me, user_id):
+    """Raise forbidden for someone else's profile, user_not_found for no one's."""
+    if user_id == me:
+        return
+    with db.connection() as conn:
+        exists = _load_user(conn, user_id) is not None
+    if exists:
+        raise error(403, "forbidden", "You may only edit your own profile.")
+    raise _user_not_found()
+
+
+def _profile(body, user_id):
+    """The whole profile of a PUT body, every field given: (fields, the new password or None)."""
     for field in USER_FIELDS:
         if field not in body:
             raise _missing(field)
@@ -858,20 +985,14 @@ def edit_user(user_id):
         raise _invalid("id", "'id' must equal the id in the path.")
     fields = {field: _user_field(body, field, field in ("email", "username")) or ""
               for field in USER_FIELDS}
-    password = _password(body, required=False)
-    password_hash = hash_password(password, app.options["password_iterations"]) if password else None
-    with app.db.transaction() as conn:
-        _taken(conn, fields["email"], fields["username"], except_id=me)
-        conn.execute(
-            "UPDATE users SET email = ?, email_key = ?, username = ?, username_key = ?,"
-            " name = ?, status = ?, phone = ? WHERE id = ?",
-            (fields["email"], _fold(fields["email"]), fields["username"],
-             _fold(fields["username"]), fields["name"], fields["status"], fields["phone"], me),
-        )
-        if password_hash:
-            conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, me))
-            conn.execute("DELETE FROM sessions WHERE user_id = ? AND token_hash <> ?", (me, token_hash))
-        return _user_json(_load_user(conn, me))
+    return fields, _password(body, required=False)
+
+
+def _change_password(conn, session, password_hash):
+    """Store a new password hash and end every other session of its user."""
+    conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, session.user_id))
+    conn.execute("DELETE FROM sessions WHERE user_id = ? AND token_hash <> ?",
+                 (session.user_id, session.token_hash))
 
 
 # ---------------------------------------------------------------------------
@@ -907,10 +1028,9 @@ def _uploaded_file():
 
 
 @route("POST", "/photos")
-def upload_photo():
+def upload_photo(app, db, me):
     """Upload the caller's avatar: multipart/form-data with one PNG, JPEG, GIF or WebP file."""
-    me = _me()
-    limit = bottle.request.app.options["max_photo_bytes"]
+    limit = app.options.max_photo_bytes
     too_large = error(413, "payload_too_large", f"An avatar is limited to {limit} bytes.")
     if bottle.request.content_length > limit + MULTIPART_OVERHEAD:
         raise too_large
@@ -924,7 +1044,7 @@ def upload_photo():
     if content_type is None:
         raise error(400, "invalid_image", "The file is not a PNG, JPEG, GIF or WebP image.", "photo")
     etag = _etag(data)
-    with bottle.request.app.db.transaction() as conn:
+    with db.transaction() as conn:
         conn.execute(
             "INSERT INTO photos (user_id, content_type, etag, data) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (user_id) DO UPDATE SET content_type = excluded.content_type,"
@@ -935,10 +1055,9 @@ def upload_photo():
 
 
 @route("DELETE", "/photos")
-def delete_photo():
+def delete_photo(db, me):
     """Delete the caller's avatar; the generated default takes its place."""
-    me = _me()
-    with bottle.request.app.db.transaction() as conn:
+    with db.transaction() as conn:
         conn.execute("DELETE FROM photos WHERE user_id = ?", (me,))
     return {}
 
@@ -968,11 +1087,10 @@ def _etag_matches(etag):
 
 
 @route("GET", "/photos/<user_id>")
-def get_photo(user_id):
+def get_photo(db, me, user_id):
     """A user's avatar image: the upload, or a generated SVG; ETag and 304 supported."""
-    _me()
     user_id = _path_id(user_id)
-    with bottle.request.app.db.connection() as conn:
+    with db.connection() as conn:
         row = _load_user(conn, user_id)
         photo = conn.execute("SELECT * FROM photos WHERE user_id = ?", (user_id,)).fetchone()
     if row is None:
@@ -1042,14 +1160,13 @@ def _load_chat(conn, me, chat_id):
 
 
 @route("POST", "/chats")
-def create_chat():
+def create_chat(app, db, me):
     """Open the dialog with another user, or return the one that exists."""
-    me = _me()
     other = _json_int(_json_body(), "user_id")
     if other == me:
         raise _invalid("user_id", "A dialog needs another user than yourself.")
     low, high = sorted((me, other))
-    with bottle.request.app.db.transaction() as conn:
+    with db.transaction() as conn:
         if _load_user(conn, other) is None:
             raise _user_not_found("user_id")
         now = _iso(time.time())
@@ -1067,18 +1184,17 @@ def create_chat():
                 "INSERT INTO chat_members (chat_id, user_id) VALUES (?, ?)",
                 [(chat_id, low), (chat_id, high)],
             )
-            _add_updates(conn, {user: {"type": "chat", "chat": _load_chat(conn, user, chat_id)}
+            app.feed.add(conn, {user: {"type": "chat", "chat": _load_chat(conn, user, chat_id)}
                                 for user in (low, high)})
         chat = _load_chat(conn, me, chat_id)
-    bottle.request.app.feed.publish()
+    app.feed.publish()
     return chat
 
 
 @route("GET", "/chats")
-def list_chats():
+def list_chats(db, me):
     """The caller's chats, most recent activity first."""
-    me = _me()
-    with bottle.request.app.db.connection() as conn:
+    with db.connection() as conn:
         chats = conn.execute(
             "SELECT group_concat(chat, ',') FROM (" + CHAT_QUERY + " WHERE m.user_id = ?"
             " ORDER BY coalesce(c.last_message_id, c.opened_after) DESC, c.id DESC)",
@@ -1088,11 +1204,10 @@ def list_chats():
 
 
 @route("GET", "/chats/<chat_id>")
-def get_chat(chat_id):
+def get_chat(db, me, chat_id):
     """One of the caller's chats."""
-    me = _me()
     chat_id = _path_id(chat_id)
-    with bottle.request.app.db.connection() as conn:
+    with db.connection() as conn:
         return _json_text(_chat_text(conn, me, chat_id))
 
 
@@ -1119,12 +1234,11 @@ def _message_text(body):
 
 
 @route("POST", "/chats/<chat_id>/messages")
-def send_message(chat_id):
+def send_message(app, db, me, chat_id):
     """Send a message to one of the caller's chats."""
-    me = _me()
     chat_id = _path_id(chat_id)
     text = _message_text(_json_body())
-    with bottle.request.app.db.transaction() as conn:
+    with db.transaction() as conn:
         members = _members(conn, me, chat_id)
         now = _iso(time.time())
         message_id = conn.execute(
@@ -1141,52 +1255,55 @@ def send_message(chat_id):
             (me, message_id, me, chat_id),
         )
         message = _message_json(conn, message_id)
-        _add_updates(conn, {user: {"type": "message", "message": json.loads(message)} for user in members})
-    bottle.request.app.feed.publish()
+        app.feed.add(conn, {user: {"type": "message", "message": json.loads(message)} for user in members})
+    app.feed.publish()
     return _json_text(message)
 
 
 @route("GET", "/chats/<chat_id>/messages")
-def list_messages(chat_id):
+def list_messages(db, me, chat_id):
     """A page of a chat's messages, oldest first: the newest, or ?before= / ?after= a message id."""
-    me = _me()
     chat_id = _path_id(chat_id)
     limit = _query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
     before = _query_int("before", None, 1, MAX_ID)
     after = _query_int("after", None, 0, MAX_ID)
     if before is not None and after is not None:
         raise _invalid("before", "Give at most one of 'before' and 'after'.")
-    # Each query answers one row: under load, every row fetched is a hand-over
-    # of Python's lock between waitress's threads, which costs more than the row.
-    with bottle.request.app.db.connection() as conn:
+    with db.connection() as conn:
         _members(conn, me, chat_id)
-        if after is not None:
-            messages, _, last = conn.execute(
-                "SELECT group_concat(json, ','), min(id), max(id) FROM (SELECT id, json FROM messages"
-                " WHERE chat_id = ? AND id > ? ORDER BY id LIMIT ?)",
-                (chat_id, after, limit),
-            ).fetchone()
-            has_more = last is not None and _exists(
-                conn, "SELECT 1 FROM messages WHERE chat_id = ? AND id > ?", (chat_id, last))
-        else:
-            messages, first, _ = conn.execute(
-                "SELECT group_concat(json, ','), min(id), max(id) FROM (SELECT id, json FROM"
-                " (SELECT id, json FROM messages WHERE chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?)"
-                " ORDER BY id)",
-                (chat_id, MAX_ID if before is None else before, limit),
-            ).fetchone()
-            has_more = first is not None and _exists(
-                conn, "SELECT 1 FROM messages WHERE chat_id = ? AND id < ?", (chat_id, first))
-    return _json_text(f'{{"messages":[{messages or ""}],"has_more":{"true" if has_more else "false"}}}')
+        messages, has_more = _message_page(conn, chat_id, limit, before, after)
+    return _json_text(f'{{"messages":[{messages}],"has_more":{"true" if has_more else "false"}}}')
+
+
+def _message_page(conn, chat_id, limit, before, after):
+    """A page of a chat's messages as JSON text, oldest first, and whether more lie beyond it."""
+    # Each query answers one row: SQLite joins the page's stored JSON itself.
+    if after is not None:
+        messages, _, last = conn.execute(
+            "SELECT group_concat(json, ','), min(id), max(id) FROM (SELECT id, json FROM messages"
+            " WHERE chat_id = ? AND id > ? ORDER BY id LIMIT ?)",
+            (chat_id, after, limit),
+        ).fetchone()
+        has_more = last is not None and _exists(
+            conn, "SELECT 1 FROM messages WHERE chat_id = ? AND id > ?", (chat_id, last))
+    else:
+        messages, first, _ = conn.execute(
+            "SELECT group_concat(json, ','), min(id), max(id) FROM (SELECT id, json FROM"
+            " (SELECT id, json FROM messages WHERE chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?)"
+            " ORDER BY id)",
+            (chat_id, MAX_ID if before is None else before, limit),
+        ).fetchone()
+        has_more = first is not None and _exists(
+            conn, "SELECT 1 FROM messages WHERE chat_id = ? AND id < ?", (chat_id, first))
+    return messages or "", has_more
 
 
 @route("POST", "/chats/<chat_id>/read")
-def mark_read(chat_id):
+def mark_read(app, db, me, chat_id):
     """Move the caller's read mark forward, to a message or to the newest; the unread count."""
-    me = _me()
     chat_id = _path_id(chat_id)
     message_id = _json_int(_json_body(), "message_id", required=False)
-    with bottle.request.app.db.transaction() as conn:
+    with db.transaction() as conn:
         members = _members(conn, me, chat_id)
         if message_id is None:
             message_id = conn.execute(
@@ -1204,12 +1321,12 @@ def mark_read(chat_id):
         ).rowcount
         if moved:
             event = {"type": "read", "chat_id": chat_id, "user_id": me, "message_id": message_id}
-            _add_updates(conn, {user: event for user in members if user != me})
+            app.feed.add(conn, {user: event for user in members if user != me})
         unread_count = conn.execute(
             "SELECT unread_count FROM chat_members WHERE user_id = ? AND chat_id = ?", (me, chat_id)
         ).fetchone()[0]
     if moved:
-        bottle.request.app.feed.publish()
+        app.feed.publish()
     return {"unread_count": unread_count}
 
 
@@ -1219,16 +1336,43 @@ def mark_read(chat_id):
 
 
 class Feed:
-    """This process's long polls: wakes them when updates are written, counts them,
-    and remembers when expired updates were last pruned."""
+    """This process's updates: stores, reads and prunes them, and wakes the polls that wait."""
 
-    def __init__(self, max_waiting):
+    def __init__(self, max_waiting, retention_seconds):
         self.max_waiting = max_waiting
+        self.retention_seconds = retention_seconds
         self.generation = 0  # grows with every publish, so a waiter sees what it missed
         self.waiting = 0
         self.pruned_at = 0.0  # when this process last deleted expired updates
         self.closed = False
         self._changed = threading.Condition()
+
+    def add(self, conn, events):
+        """Store one update per recipient ({user id: event}); now and then, prune the expired."""
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO updates (user_id, created_at, payload) VALUES (?, ?, ?)",
+            [(user, now, _to_json(event)) for user, event in events.items()],
+        )
+        if now >= self.pruned_at + min(PRUNE_SECONDS, self.retention_seconds):
+            self.pruned_at = now
+            # Ids grow with time, so the expired rows are the ones before the
+            # oldest row still kept; the rows just written are always kept.
+            conn.execute(
+                "DELETE FROM updates WHERE id <"
+                " (SELECT id FROM updates WHERE created_at >= ? ORDER BY id LIMIT 1)",
+                (now - self.retention_seconds,),
+            )
+
+    def read(self, db, user_id, offset, limit):
+        """A user's updates from `offset` on, at most `limit`, the expired left out."""
+        with db.connection() as conn:
+            rows = conn.execute(
+                "SELECT id, payload FROM updates WHERE user_id = ? AND id >= ? AND created_at >= ?"
+                " ORDER BY id LIMIT ?",
+                (user_id, offset, time.time() - self.retention_seconds, limit),
+            ).fetchall()
+        return [dict(update_id=row["id"], **json.loads(row["payload"])) for row in rows]
 
     def publish(self):
         """Wake every waiting poll: updates were committed."""
@@ -1261,49 +1405,18 @@ class Feed:
             self._changed.notify_all()
 
 
-def _add_updates(conn, events):
-    """Store one update per recipient ({user id: event}); now and then, prune the expired."""
-    app, now = bottle.request.app, time.time()
-    conn.executemany(
-        "INSERT INTO updates (user_id, created_at, payload) VALUES (?, ?, ?)",
-        [(user, now, _to_json(event)) for user, event in events.items()],
-    )
-    retention = app.options["updates_hours"] * 3600
-    if now >= app.feed.pruned_at + min(PRUNE_SECONDS, retention):
-        app.feed.pruned_at = now
-        # Ids grow with time, so the expired rows are the ones before the
-        # oldest row still kept; the rows just written are always kept.
-        conn.execute(
-            "DELETE FROM updates WHERE id <"
-            " (SELECT id FROM updates WHERE created_at >= ? ORDER BY id LIMIT 1)",
-            (now - retention,),
-        )
-
-
-def _read_updates(me, offset, limit):
-    cutoff = time.time() - bottle.request.app.options["updates_hours"] * 3600
-    with bottle.request.app.db.connection() as conn:
-        rows = conn.execute(
-            "SELECT id, payload FROM updates WHERE user_id = ? AND id >= ? AND created_at >= ?"
-            " ORDER BY id LIMIT ?",
-            (me, offset, cutoff, limit),
-        ).fetchall()
-    return [dict(update_id=row["id"], **json.loads(row["payload"])) for row in rows]
-
-
 @route("GET", "/updates")
-def get_updates():
+def get_updates(app, db, me):
     """New messages, chats and read marks since ?offset=, waiting up to ?timeout= seconds."""
-    me = _me()
     offset = _query_int("offset", 0, 0, MAX_ID)
     timeout = _query_int("timeout", 0, 0, MAX_POLL_SECONDS)
     limit = _query_int("limit", MAX_PAGE, 1, MAX_PAGE)
-    feed = bottle.request.app.feed
+    feed = app.feed
     deadline = time.monotonic() + timeout
     with feed.waiter() as may_wait:
         while True:
             generation = feed.generation
-            updates = _read_updates(me, offset, limit)
+            updates = feed.read(db, me, offset, limit)
             remaining = deadline - time.monotonic()
             if updates or not may_wait or remaining <= 0 or feed.closed:
                 return {"updates": updates}
@@ -1358,23 +1471,18 @@ def seed_demo(app):
     with app.db.connection() as conn:
         if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
             return False
-    password_hash = hash_password(DEMO_PASSWORD, app.options["password_iterations"])
+    password_hash = hash_password(DEMO_PASSWORD, app.options.password_iterations)
     now = time.time()
     with app.db.transaction() as conn:
         if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
             return False  # another process seeded it meanwhile
-        ids = {}
-        for email, username, name, status, phone in DEMO_USERS:
-            ids[username] = conn.execute(
-                "INSERT INTO users (email, email_key, username, username_key, name, status, phone,"
-                " password_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (email, _fold(email), username, _fold(username), name, status, phone, password_hash,
-                 _iso(now - 7 * 86400)),
-            ).lastrowid
+        ids = {username: _insert_user(conn, email, username, password_hash, name, status, phone,
+                                      _iso(now - 7 * DAY_SECONDS))
+               for email, username, name, status, phone in DEMO_USERS}
         # The oldest dialog first, so that message ids grow with time.
         for age, (first, second, messages) in reversed(list(enumerate(DEMO_CHATS, 1))):
             low, high = sorted((ids[first], ids[second]))
-            start = now - age * 86400  # the first chat has the latest messages
+            start = now - age * DAY_SECONDS  # the first chat has the latest messages
             chat_id = conn.execute(
                 "INSERT INTO chats (user_low, user_high, created_at, opened_after) VALUES (?, ?, ?, 0)",
                 (low, high, _iso(start)),
@@ -1423,14 +1531,13 @@ def _prefers_json():
     return quality.get("application/json", 0.0) > quality.get("text/html", 0.0)
 
 
-def reset_database():
+def reset_database(app, db):
     """Empty every table and end every session; with demo data, seed it again (--allow-reset)."""
-    app = bottle.request.app
-    with app.db.transaction() as conn:
+    with db.transaction() as conn:
         # Deleting the users cascades to everything that belongs to them.
         conn.execute("DELETE FROM users")  # with no rows left, ids start at 1 again
         conn.execute("DELETE FROM login_failures")
-    if app.options["demo"]:
+    if app.options.demo:
         seed_demo(app)
     return {}
 
@@ -1440,12 +1547,12 @@ def _route_path(rule):
     return rule.replace("<", "{").replace(">", "}")
 
 
-@route("GET", "/")
-def index():
+@route("GET", "/", public=True)
+def index(app):
     """This page: the name, version and every route (JSON when Accept asks for it)."""
     routes = [
         {"method": r.method, "path": _route_path(r.rule), "description": (r.callback.__doc__ or "").strip()}
-        for r in bottle.request.app.routes
+        for r in app.routes
     ]
     if _prefers_json():
         return {"name": "messenger", "version": __version__, "routes": routes}
@@ -1463,55 +1570,32 @@ def index():
     )
 
 
-
-def make_app(
-    db=DEFAULT_DB,
-    *,
-    threads=DEFAULT_THREADS,
-    demo=False,
-    delay=0,
-    cors_origins=(),
-    allow_reset=False,
-    secure_cookies=False,
-    quiet=False,
-    password_iterations=PASSWORD_ITERATIONS,
-    session_days=SESSION_DAYS,
-    max_photo_bytes=MAX_PHOTO_BYTES,
-    updates_hours=UPDATES_HOURS,
-):
-    """Build a new messenger WSGI application on the SQLite database `db`."""
+def make_app(db=DEFAULT_DB, **options):
+    """Build a new messenger WSGI application on the SQLite database `db`, with Options."""
+    # An unknown option is a TypeError, a bad value a ValueError, before the
+    # database is opened.
     app = bottle.Bottle()
-    app.options = {
-        "threads": threads,
-        "demo": demo,
-        "delay": parse_delay(delay),
-        "cors_origins": frozenset(cors_origins),
-        "allow_reset": allow_reset,
-        "secure_cookies": secure_cookies,
-        "quiet": quiet,
-        "password_iterations": password_iterations,
-        "session_days": session_days,
-        "max_photo_bytes": max_photo_bytes,
-        "updates_hours": updates_hours,
-    }
+    app.options = options = Options(**options)
     app.db = Database(db)
+    threads = options.threads
     # Keep a quarter of the threads free of long polls: at least two, or the
     # one other thread there is, and never none.
-    app.feed = Feed(max_waiting=threads - max(threads // 4, min(2, threads - 1), 1))
+    app.feed = Feed(max_waiting=threads - max(threads // 4, min(2, threads - 1), 1),
+                    retention_seconds=options.updates_hours * HOUR_SECONDS)
     app.warned_origins = set()
-    app.default_error_handler = _bottle_error_page
+    app.default_error_handler = functools.partial(_bottle_error_page, app)
     app.uninstall(bottle.JSONPlugin)
     app.install(bottle.JSONPlugin(json_dumps=_to_json))
+    app.install(_Context())
     app.add_hook("before_request", _check_path_encoding)
-    app.add_hook("before_request", _answer_preflight)
-    app.add_hook("before_request", _delay_response)
-    app.add_hook("after_request", _add_cors_headers)
-    for method, path, handler in ROUTES:
-        app.route(path, method, handler)
-    if allow_reset:
-        app.route("/__reset", "POST", reset_database)
-    app.demo_seeded = demo and seed_demo(app)
-    return app
+    app.add_hook("before_request", functools.partial(_answer_preflight, options))
+    app.add_hook("before_request", functools.partial(_delay_response, options))
+    app.add_hook("after_request", functools.partial(_add_cors_headers, app))
+    for method, path, handler, public in ROUTES:
+        app.route(path, method, handler, public=public)
+    if options.allow_reset:
+        app.route("/__reset", "POST", reset_database, public=True)
+    app.demo_seeded = options.demo and seed_demo(app)
     return app
 
 
@@ -1539,8 +1623,8 @@ def _with_access_log(app):
 
 
 def _readable_path(path):
-    """A WSGI path (its bytes as Latin-1) for the log: UTF-8 as text, anything else
-    (bytes that are not UTF-8, control characters, spaces, %) percent-encoded."""
+    """A WSGI path (its bytes as Latin-1) for the log: UTF-8 as text, the rest percent-encoded."""
+    # The rest: bytes that are not UTF-8, control characters, spaces and %.
     text = path.encode("latin-1").decode("utf-8", "surrogateescape")
     return "".join(
         c if c.isprintable() and c not in " %" else urllib.parse.quote(c.encode("utf-8", "surrogateescape"))
@@ -1549,8 +1633,9 @@ def _readable_path(path):
 
 
 def _bind(host, port):
-    """A socket bound to host and port (0: a free one), before anything else is set up,
-    so that a port in use fails a start that has created nothing yet."""
+    """A socket bound to host and port (0: a free one)."""
+    # Bound before anything else is set up, so that a port in use fails a
+    # start that has created nothing yet.
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -1569,38 +1654,65 @@ def _create_server(app, sock):
     # waitress warns "Task queue depth is N" whenever every thread is busy:
     # normal under load, and the logging costs a quarter of the throughput.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    wsgi = app if app.options["quiet"] else _with_access_log(app)
+    wsgi = app if app.options.quiet else _with_access_log(app)
     return waitress.server.create_server(
         wsgi,
         sockets=[sock],
-        threads=app.options["threads"],
-        max_request_body_size=app.options["max_photo_bytes"] + MULTIPART_OVERHEAD + BODY_LIMIT_SLACK,
+        threads=app.options.threads,
+        max_request_body_size=app.options.max_photo_bytes + MULTIPART_OVERHEAD + BODY_LIMIT_SLACK,
         max_request_header_size=MAX_HEADER_BYTES,
         connection_limit=CONNECTION_LIMIT,
-        channel_timeout=CHANNEL_TIMEOUT,
+        channel_timeout=CHANNEL_TIMEOUT_SECONDS,
         asyncore_use_poll=True,  # select() fails past 1024 open sockets
         ident="messenger",
     )
 
 
+class _WaitressInternals:
+    """Every private part of waitress this module uses: there is no public way to stop it."""
+
+    # setup.py keeps waitress below its next major version, and a test fails,
+    # saying what moved, if a release changes any of these.
+
+    def __init__(self, server):
+        self.server = server
+
+    def poll(self, timeout):
+        """Serve what is ready on the server's sockets, waiting at most `timeout` seconds."""
+        waitress.wasyncore.loop(timeout=timeout, use_poll=True, map=self.server._map, count=1)
+
+    def stop_listening(self):
+        waitress.wasyncore.dispatcher.close(self.server)  # the listening socket, not the trigger
+
+    def finish_tasks(self):
+        """Let the worker threads finish their requests, then end them."""
+        self.server.task_dispatcher.shutdown()
+
+    def sending(self):
+        """Whether a connection still has an answer to send."""
+        return any(getattr(channel, "total_outbufs_len", 0) for channel in list(self.server._map.values()))
+
+    def close_connections(self):
+        """Close every connection, and the trigger a worker pulls when it ends a task."""
+        for channel in list(self.server._map.values()):
+            channel.handle_close()
+
+
 def _run_server(server, stopping):
     """Serve until `stopping` is set; then finish the requests under way and close every socket."""
+    internals = _WaitressInternals(server)
     while not stopping.is_set():
-        waitress.wasyncore.loop(timeout=1.0, use_poll=True, map=server._map, count=1)
-    # waitress has no public shutdown. What works: stop listening, let the
-    # workers finish while this loop still sends their answers, and only then
-    # close the connections and the trigger (a worker pulls it when it ends
-    # a task), here, on the thread that owns them.
-    waitress.wasyncore.dispatcher.close(server)  # the listening socket alone
-    workers = threading.Thread(target=server.task_dispatcher.shutdown)
+        internals.poll(1.0)
+    # Stop listening, let the workers finish while this loop still sends
+    # their answers, and only then close the connections and the trigger,
+    # here, on the thread that owns them.
+    internals.stop_listening()
+    workers = threading.Thread(target=internals.finish_tasks)
     workers.start()
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    while time.monotonic() < deadline and (workers.is_alive() or any(
-        getattr(channel, "total_outbufs_len", 0) for channel in list(server._map.values())
-    )):
-        waitress.wasyncore.loop(timeout=0.05, use_poll=True, map=server._map, count=1)
-    for channel in list(server._map.values()):
-        channel.handle_close()
+    while time.monotonic() < deadline and (workers.is_alive() or internals.sending()):
+        internals.poll(0.05)
+    internals.close_connections()
     workers.join()
 
 
@@ -1617,11 +1729,10 @@ def _url(host, port):
 
 
 class Server:
-    """A messenger server on a background thread; a context manager that stops it.
+    """A messenger server on a background thread; a context manager that stops it."""
 
-    Server(db=":memory:", port=0, **options) builds its own app with
-    make_app(db, **options); Server(app) serves an app made elsewhere.
-    """
+    # Server(db=":memory:", port=0, **options) builds its own app with
+    # make_app(db, **options); Server(app) serves an app made elsewhere.
 
     def __init__(self, app=None, *, db=":memory:", host=DEFAULT_HOST, port=0, **options):
         sock = _bind(host, port)
@@ -1686,13 +1797,6 @@ def _serve(app, sock, host):
     _run_server(server, stopping)
 
 
-def _delay_argument(text):
-    try:
-        return parse_delay(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """One line on stderr, not argparse's usage block."""
@@ -1700,6 +1804,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _parse_args(argv):
+    """The command line's flags: (the server's flags, the app's options given)."""
     parser = _ArgumentParser(
         prog="messenger",
         description="A messenger backend: a JSON API over HTTP on SQLite. Ctrl-C or SIGTERM stops it.",
@@ -1710,49 +1815,38 @@ def _parse_args(argv):
     parser.add_argument("--db", default=DEFAULT_DB,
                         help="SQLite file, created on first start; ':memory:' for a throwaway one"
                              " (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                        help="worker threads; a waiting long poll holds one (default %(default)s)")
-    parser.add_argument("--demo", action="store_true",
-                        help="fill an empty database with demo users, chats and messages,"
-                             " and print their logins")
-    parser.add_argument("--delay", type=_delay_argument, default=(0, 0), metavar="MS|MIN-MAX",
-                        help="milliseconds to wait before each answer (a fixed or a random delay),"
-                             " to exercise a client's loading states (default 0)")
-    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                        dest="cors_origins",
-                        help="an origin (such as https://app.example.com) allowed to call the API"
-                             " from a browser with credentials, besides http://localhost,"
-                             " 127.0.0.1 and [::1] on any port; repeatable; '*' allows any")
-    parser.add_argument("--allow-reset", action="store_true",
-                        help="enable POST /__reset, which empties the database (and re-seeds the"
-                             " demo data with --demo), for clients' end-to-end tests")
-    parser.add_argument("--secure-cookies", action="store_true",
-                        help="mark the session cookie Secure (when served behind HTTPS)")
-    parser.add_argument("--quiet", action="store_true", help="no access log")
+    for field in dataclasses.fields(Options):
+        if field.metadata["help"] is None:
+            continue  # not a flag
+        flag = dict(field.metadata["flag"])
+        if isinstance(field.default, bool):
+            flag["action"] = "store_true"
+        name = flag.pop("name", "--" + field.name.replace("_", "-"))
+        parser.add_argument(name, dest=field.name, help=field.metadata["help"],
+                            default=argparse.SUPPRESS, **flag)  # absent: Options has the default
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error("--port must be from 0 to 65535")
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
-    return args
+    options = {field.name: getattr(args, field.name) for field in dataclasses.fields(Options)
+               if hasattr(args, field.name)}
+    try:
+        Options(**options)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args, options
 
 
 def _use_one_core():
-    """Keep this process on one core, where the system allows it.
-
-    waitress's threads contending for Python's lock across two cores served
-    a third as many requests as on one (see README, Performance).
-    """
+    """Keep this process on one core, where the system allows it."""
+    # waitress's threads contending for Python's lock across two cores served
+    # a third as many requests as on one (see README, Performance).
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
 
 
 def main(argv=None):
     """The command line: parse the flags, open the database, serve."""
-    args = _parse_args(argv)
-    _use_one_core()
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    args, options = _parse_args(argv)
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
@@ -1760,21 +1854,25 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     try:
-        app = _open_app(args)
+        app = _open_app(args.db, options)
     except (sqlite3.Error, OSError) as exc:
         sock.close()
         print(f"messenger: cannot open the database {args.db!r}: {exc}", file=sys.stderr)
         return 1
-    if args.demo and not app.demo_seeded and not _has_demo_logins(app):
+    if app.options.demo and not app.demo_seeded and not _has_demo_logins(app):
         sock.close()
         app.db.close()
         print(f"messenger: {args.db} already has users of its own, so --demo adds none and its"
               " logins would fail; give the demo a database of its own: messenger --demo --db demo.db",
               file=sys.stderr)
         return 1
-    if args.demo:
+    if app.options.demo:
         print("demo data added:" if app.demo_seeded else "the demo data is already there:",
               ", ".join(user[0] for user in DEMO_USERS), f"(password: {DEMO_PASSWORD})")
+    # Only a start that will serve touches the process: its cores and its logging.
+    _use_one_core()
+    logging.basicConfig(level=logging.WARNING if app.options.quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
     try:
         _serve(app, sock, args.host)
     finally:
@@ -1782,21 +1880,19 @@ def main(argv=None):
     return 0
 
 
-def _open_app(args):
-    """make_app from the flags; a database file this start created is removed if it fails."""
-    directory = os.path.dirname(os.path.abspath(args.db))
-    if args.db != ":memory:" and not os.path.isdir(directory):
+def _open_app(db, options):
+    """make_app for the command line; a database file this start created is removed if it fails."""
+    directory = os.path.dirname(os.path.abspath(db))
+    if db != ":memory:" and not os.path.isdir(directory):
         raise OSError(f"the directory {directory!r} does not exist")
-    new_file = args.db != ":memory:" and not os.path.exists(args.db)
+    new_file = db != ":memory:" and not os.path.exists(db)
     try:
-        return make_app(args.db, threads=args.threads, demo=args.demo, delay=args.delay,
-                        cors_origins=args.cors_origins, allow_reset=args.allow_reset,
-                        secure_cookies=args.secure_cookies, quiet=args.quiet)
+        return make_app(db, **options)
     except BaseException:
         if new_file:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
-                    os.remove(args.db + suffix)
+                    os.remove(db + suffix)
         raise
 
 

@@ -59,7 +59,7 @@ def serve(kind, db, synchronous, cpu, threads):
     if kind == "ceiling":
         app = messenger.bottle.Bottle()
         app.route("/ping", callback=lambda: CEILING_USER)
-        app.options = {"quiet": True, "threads": threads, "max_photo_bytes": messenger.MAX_PHOTO_BYTES}
+        app.options = messenger.Options(quiet=True, threads=threads)
     else:
         if synchronous != "NORMAL":
             open_connection = messenger.Database._open
@@ -370,11 +370,11 @@ def wake_up(tries):
     for _ in range(tries):
         answer = {}
 
-        def poll():
+        def poll(answer, offset):
             answer["body"] = server.call("GET", f"/updates?timeout=10&offset={offset}", cookie=ann)[1]
             answer["at"] = time.perf_counter()
 
-        thread = threading.Thread(target=poll)
+        thread = threading.Thread(target=poll, args=(answer, offset))
         thread.start()
         time.sleep(0.02)
         sent = time.perf_counter()
@@ -420,9 +420,9 @@ def main():
     args.seconds = args.seconds or (3 if args.quick else 5)
     available = sorted(os.sched_getaffinity(0))
     cpus = (available[0], available[1]) if len(available) >= 2 else (None, None)
+    client = "wrk" if shutil.which("wrk") else "a Python client (install wrk for better figures)"
     print(f"messenger {messenger.__version__}, Python {sys.version.split()[0]},"
-          f" SQLite {sqlite3.sqlite_version}, {os.cpu_count()} cores;"
-          f" load from {'wrk' if shutil.which('wrk') else 'a Python client (install wrk for better figures)'};"
+          f" SQLite {sqlite3.sqlite_version}, {os.cpu_count()} cores; load from {client};"
           f" server on core {cpus[0]}, load on core {cpus[1]}")
     for name in args.only or SECTIONS:
         SECTIONS[name](args, cpus)
