@@ -90,6 +90,9 @@ MAX_SEARCH_CHARS = 64
 SORTED_SEARCH_MATCHES = 1000
 SORTED_SEARCH_SHARE = 50
 MAX_MESSAGE_CHARS = 4096
+MAX_CHAT_NAME_CHARS = 128
+MAX_GROUP_MEMBERS = 100  # the owner included
+MAX_EMOJI_CHARS = 16  # an emoji of several code points (a family, a flag) is still one
 DEFAULT_PAGE = 50
 MAX_PAGE = 100
 MAX_POLL_SECONDS = 60
@@ -213,12 +216,14 @@ def _schema_path():
 
 
 def _schema_scripts():
-    """schema.sql in its parts: (the whole schema, {version: its upgrade step}, the search index)."""
+    """schema.sql in parts: the schema, {version: upgrade step}, search tables with FTS5 and without."""
     with open(_schema_path(), encoding="utf-8") as f:
         schema, _, rest = f.read().partition("-- upgrades\n")
-    upgrades, _, search_index = rest.partition("-- search-index\n")
+    upgrades, _, search = rest.partition("-- search-index\n")
+    with_fts5, _, without_fts5 = search.partition("-- no-search-index\n")
     parts = re.split(r"^-- upgrade to (\d+)\b.*$", upgrades, flags=re.M)[1:]
-    return schema, {int(version): step for version, step in zip(parts[::2], parts[1::2])}, search_index
+    steps = {int(version): step for version, step in zip(parts[::2], parts[1::2])}
+    return schema, steps, with_fts5, without_fts5
 
 
 def _statements(script):
@@ -281,6 +286,7 @@ class Database:
             check_same_thread=False,  # a pooled connection moves between threads
         )
         conn.row_factory = sqlite3.Row
+        conn.create_function("starts_words", 2, _starts_words, deterministic=True)  # search without FTS5
         conn.execute("PRAGMA foreign_keys = ON")  # outside any transaction, or it stays off
         conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: survives a crash of the process
         return conn
@@ -297,11 +303,10 @@ class Database:
                     f"the database has schema version {version}; this messenger knows {SCHEMA_VERSION}"
                 )
             if version < SCHEMA_VERSION:
-                schema, upgrades, search_index = _schema_scripts()
+                schema, upgrades, with_fts5, without_fts5 = _schema_scripts()
                 script = schema if version == 0 else "".join(
                     upgrades[step] for step in range(version + 1, SCHEMA_VERSION + 1))
-                if _has_fts5_trigram(conn):
-                    script += search_index
+                script += with_fts5 if _has_fts5_trigram(conn) else without_fts5
                 conn.create_function("fold", 1, _fold, deterministic=True)  # for the upgrade steps
                 for statement in _statements(script):
                     conn.execute(statement)
@@ -493,11 +498,21 @@ def _json_body():
     return body
 
 
-def _path_id(text):
+def _path_id(text, field="id"):
     """An id from the path: ASCII digits, 1 to 2**63-1 (Bottle's int filter takes -5 and "１２")."""
     if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS and 1 <= int(text) <= MAX_ID:
         return int(text)
-    raise _invalid("id", "The id in the path must be a positive integer.")
+    raise _invalid(field, f"The {field} in the path must be a positive integer.")
+
+
+def _query_text(name):
+    """A required query parameter holding a search: 1 to MAX_SEARCH_CHARS characters of text."""
+    if name not in bottle.request.query:
+        raise _missing(name)
+    text = bottle.request.query.getunicode(name)  # None when it is not UTF-8
+    if text is None or not 1 <= len(text) <= MAX_SEARCH_CHARS or _has_control(text):
+        raise _invalid(name, f"'{name}' must be 1 to {MAX_SEARCH_CHARS} characters, no control characters.")
+    return text
 
 
 def _query_int(name, default, low, high):
@@ -1107,7 +1122,7 @@ def get_photo(db, me, user_id):
 
 
 # ---------------------------------------------------------------------------
-# Chats and messages
+# Chats
 # ---------------------------------------------------------------------------
 
 # SQLite writes the JSON of chats itself: in C, and with no Python dict per
@@ -1116,24 +1131,23 @@ def get_photo(db, me, user_id):
 CHAT_QUERY = """
     SELECT json_object(
                'id', c.id,
-               'name', coalesce(nullif(other.name, ''), other.username),
-               'members', json_array(c.user_low, c.user_high),
+               'type', c.type,
+               'name', CASE c.type WHEN 'group' THEN c.name
+                                   ELSE coalesce(nullif(other.name, ''), other.username) END,
+               'members', CASE c.type WHEN 'group'
+                              THEN (SELECT json_group_array(user_id) FROM (SELECT user_id
+                                      FROM chat_members WHERE chat_id = c.id ORDER BY user_id))
+                              ELSE json_array(c.user_low, c.user_high) END,
+               'owner_id', c.owner_id,
                'last_message', json(message.json),
                'unread_count', m.unread_count,
                'created_at', c.created_at) AS chat
       FROM chat_members AS m
       JOIN chats AS c ON c.id = m.chat_id
-      JOIN users AS other ON other.id = CASE WHEN c.user_low = m.user_id
-                                             THEN c.user_high ELSE c.user_low END
+      LEFT JOIN users AS other ON other.id = CASE WHEN c.user_low = m.user_id
+                                                  THEN c.user_high ELSE c.user_low END
       LEFT JOIN messages AS message ON message.id = c.last_message_id
 """
-
-
-def _message_json(conn, message_id):
-    """A message's JSON, as every route shows it."""
-    return conn.execute(
-        "SELECT json FROM messages WHERE id = ?", (message_id,)
-    ).fetchone()[0]
 
 
 def _exists(conn, sql, params):
@@ -1159,22 +1173,84 @@ def _load_chat(conn, me, chat_id):
     return json.loads(_chat_text(conn, me, chat_id))
 
 
+def _chat_row(conn, me, chat_id):
+    """A chat `me` is a member of, or raise chat_not_found (also when `me` is not in it)."""
+    row = conn.execute(
+        "SELECT c.* FROM chats AS c JOIN chat_members AS m ON m.chat_id = c.id"
+        " WHERE c.id = ? AND m.user_id = ?",
+        (chat_id, me),
+    ).fetchone()
+    if row is None:
+        raise _chat_not_found()
+    return row
+
+
+def _group_row(conn, me, chat_id):
+    """A group `me` is a member of; chat_not_found, or forbidden for a dialog."""
+    chat = _chat_row(conn, me, chat_id)
+    if chat["type"] != "group":
+        raise error(403, "forbidden", "A dialog has no name or members of its own to change.")
+    return chat
+
+
+def _member_ids(conn, chat_id):
+    return [row[0] for row in conn.execute(
+        "SELECT user_id FROM chat_members WHERE chat_id = ? ORDER BY user_id", (chat_id,))]
+
+
+def _chat_events(conn, chat_id, users):
+    """A `chat` update for each of `users`, the chat as each of them sees it."""
+    return {user: {"type": "chat", "chat": _load_chat(conn, user, chat_id)} for user in users}
+
+
+def _chat_name(body):
+    name = _string(body, "name", required=True)
+    if _has_control(name):
+        raise _invalid("name", "'name' must not contain control characters.")
+    if not 1 <= len(name) <= MAX_CHAT_NAME_CHARS:
+        raise _invalid("name", f"'name' must be 1 to {MAX_CHAT_NAME_CHARS} characters long.")
+    if name.isspace():
+        raise _invalid("name", "'name' must not be only white space.")
+    return name
+
+
+def _other_members(body, me):
+    """A new group's other members, from member_ids: ascending, without duplicates or the caller."""
+    value = body.get("member_ids")
+    if value is None:
+        return []
+    if not isinstance(value, list) or any(type(v) is not int or not 1 <= v <= MAX_ID for v in value):
+        raise _invalid("member_ids", "'member_ids' must be a list of user ids.")
+    others = sorted(set(value) - {me})
+    if len(others) >= MAX_GROUP_MEMBERS:
+        raise _invalid("member_ids", f"A group has at most {MAX_GROUP_MEMBERS} members, the creator too.")
+    return others
+
+
 @route("POST", "/chats")
 def create_chat(app, db, me):
-    """Open the dialog with another user, or return the one that exists."""
-    other = _json_int(_json_body(), "user_id")
+    """Open the dialog with a user ({"user_id"}), or create a group ({"name", "member_ids"})."""
+    body = _json_body()
+    if body.get("name") is None:
+        return _open_dialog(app, db, me, _json_int(body, "user_id"))
+    if body.get("user_id") is not None:
+        raise _invalid("user_id", "Give 'user_id' for a dialog or 'name' for a group, not both.")
+    return _create_group(app, db, me, _chat_name(body), _other_members(body, me))
+
+
+def _open_dialog(app, db, me, other):
+    """The dialog of `me` and `other`, opened now or earlier."""
     if other == me:
         raise _invalid("user_id", "A dialog needs another user than yourself.")
     low, high = sorted((me, other))
     with db.transaction() as conn:
         if _load_user(conn, other) is None:
             raise _user_not_found("user_id")
-        now = _iso(time.time())
         created = conn.execute(
-            "INSERT INTO chats (user_low, user_high, created_at, opened_after)"
-            " VALUES (?, ?, ?, (SELECT coalesce(max(id), 0) + 0.5 FROM messages))"
+            "INSERT INTO chats (type, user_low, user_high, created_at, opened_after)"
+            " VALUES ('dialog', ?, ?, ?, (SELECT coalesce(max(id), 0) + 0.5 FROM messages))"
             " ON CONFLICT (user_low, user_high) DO NOTHING",
-            (low, high, now),
+            (low, high, _iso(time.time())),
         ).rowcount
         chat_id = conn.execute(
             "SELECT id FROM chats WHERE user_low = ? AND user_high = ?", (low, high)
@@ -1184,8 +1260,29 @@ def create_chat(app, db, me):
                 "INSERT INTO chat_members (chat_id, user_id) VALUES (?, ?)",
                 [(chat_id, low), (chat_id, high)],
             )
-            app.feed.add(conn, {user: {"type": "chat", "chat": _load_chat(conn, user, chat_id)}
-                                for user in (low, high)})
+            app.feed.add(conn, _chat_events(conn, chat_id, (low, high)))
+        chat = _load_chat(conn, me, chat_id)
+    app.feed.publish()
+    return chat
+
+
+def _create_group(app, db, me, name, others):
+    """A new group of `me`, its owner, and `others`."""
+    with db.transaction() as conn:
+        for user in others:
+            if _load_user(conn, user) is None:
+                raise _user_not_found("member_ids")
+        chat_id = conn.execute(
+            "INSERT INTO chats (type, name, owner_id, created_at, opened_after)"
+            " VALUES ('group', ?, ?, ?, (SELECT coalesce(max(id), 0) + 0.5 FROM messages))",
+            (name, me, _iso(time.time())),
+        ).lastrowid
+        members = [me, *others]
+        conn.executemany(
+            "INSERT INTO chat_members (chat_id, user_id, joined) VALUES (?, ?, ?)",
+            [(chat_id, user, joined) for joined, user in enumerate(members)],
+        )
+        app.feed.add(conn, _chat_events(conn, chat_id, members))
         chat = _load_chat(conn, me, chat_id)
     app.feed.publish()
     return chat
@@ -1211,15 +1308,105 @@ def get_chat(db, me, chat_id):
         return _json_text(_chat_text(conn, me, chat_id))
 
 
-def _members(conn, me, chat_id):
-    """The two members of a chat of `me`, or raise chat_not_found (also when `me` is not in it)."""
+@route("PUT", "/chats/<chat_id>")
+def rename_chat(app, db, me, chat_id):
+    """Rename a group; any member may."""
+    chat_id = _path_id(chat_id)
+    name = _chat_name(_json_body())
+    with db.transaction() as conn:
+        chat = _group_row(conn, me, chat_id)
+        if name != chat["name"]:
+            conn.execute("UPDATE chats SET name = ? WHERE id = ?", (name, chat_id))
+            app.feed.add(conn, _chat_events(conn, chat_id, _member_ids(conn, chat_id)))
+        renamed = _load_chat(conn, me, chat_id)
+    app.feed.publish()
+    return renamed
+
+
+@route("POST", "/chats/<chat_id>/members")
+def add_member(app, db, me, chat_id):
+    """Add a user to a group; any member may, and adding a member again changes nothing."""
+    chat_id = _path_id(chat_id)
+    user_id = _json_int(_json_body(), "user_id")
+    with db.transaction() as conn:
+        _group_row(conn, me, chat_id)
+        if _load_user(conn, user_id) is None:
+            raise _user_not_found("user_id")
+        members = _member_ids(conn, chat_id)
+        if user_id not in members:
+            if len(members) >= MAX_GROUP_MEMBERS:
+                raise _invalid("user_id", f"The group already has {MAX_GROUP_MEMBERS} members.")
+            # A new member has read everything there is: nothing is unread.
+            conn.execute(
+                "INSERT INTO chat_members (chat_id, user_id, joined, last_read_id) VALUES (?, ?,"
+                " (SELECT max(joined) + 1 FROM chat_members WHERE chat_id = ?),"
+                " (SELECT coalesce(last_message_id, 0) FROM chats WHERE id = ?))",
+                (chat_id, user_id, chat_id, chat_id),
+            )
+            app.feed.add(conn, _chat_events(conn, chat_id, [*members, user_id]))
+        chat = _load_chat(conn, me, chat_id)
+    app.feed.publish()
+    return chat
+
+
+@route("DELETE", "/chats/<chat_id>/members/<user_id>")
+def remove_member(app, db, me, chat_id, user_id):
+    """Leave a group ({}), or as its owner remove a member (the group); a non-member: no change."""
+    chat_id, user_id = _path_id(chat_id), _path_id(user_id, "user_id")
+    with db.transaction() as conn:
+        chat = _group_row(conn, me, chat_id)
+        if user_id != me and chat["owner_id"] != me:
+            raise error(403, "forbidden", "Only the group's owner may remove other members.")
+        if _load_user(conn, user_id) is None:
+            raise _user_not_found()
+        members = _member_ids(conn, chat_id)
+        if user_id in members:
+            _leave_group(conn, app.feed, chat, user_id, members)
+        group = None if user_id == me else _load_chat(conn, me, chat_id)
+    app.feed.publish()
+    return {} if group is None else group
+
+
+def _leave_group(conn, feed, chat, user_id, members):
+    """Take a member out of a group; the last one out deletes it."""
+    # An owner who leaves hands the group to the member who joined earliest.
+    chat_id = chat["id"]
+    conn.execute("DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?", (chat_id, user_id))
+    remaining = [member for member in members if member != user_id]
+    events = {user_id: {"type": "chat_removed", "chat_id": chat_id}}
+    if remaining:
+        if chat["owner_id"] == user_id:
+            conn.execute(
+                "UPDATE chats SET owner_id = (SELECT user_id FROM chat_members WHERE chat_id = ?"
+                " ORDER BY joined, user_id LIMIT 1) WHERE id = ?",
+                (chat_id, chat_id),
+            )
+        events.update(_chat_events(conn, chat_id, remaining))
+    else:
+        conn.execute("DELETE FROM messages_search WHERE rowid IN"
+                     " (SELECT id FROM messages WHERE chat_id = ?)", (chat_id,))
+        conn.execute("DELETE FROM chats WHERE id = ?", (chat_id,))  # its messages go with it
+    feed.add(conn, events)
+
+
+# ---------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------
+
+
+def _message_json(conn, message_id):
+    """A message's JSON, as every route shows it."""
+    return conn.execute("SELECT json FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
+
+
+def _message_row(conn, chat_id, message_id):
+    """A message of this chat, or raise message_not_found."""
     row = conn.execute(
-        "SELECT user_low, user_high FROM chats WHERE id = ? AND ? IN (user_low, user_high)",
-        (chat_id, me),
+        "SELECT * FROM messages WHERE id = ? AND chat_id = ?", (message_id, chat_id)
     ).fetchone()
     if row is None:
-        raise _chat_not_found()
-    return tuple(row)
+        raise error(400, "message_not_found", "There is no message with this id in this chat.")
+    return row
 
 
 def _message_text(body):
@@ -1233,20 +1420,37 @@ def _message_text(body):
     return text
 
 
+def _change_text(conn, message_id, text, edited_at):
+    """Store a message's new text, and the words a search finds it by."""
+    conn.execute("UPDATE messages SET text = ?, edited_at = ? WHERE id = ?", (text, edited_at, message_id))
+    conn.execute("UPDATE messages_search SET text = ? WHERE rowid = ?", (_fold(text), message_id))
+
+
+def _insert_message(conn, chat_id, author_id, text, created_at):
+    """Store a message and the words a search finds it by; its id."""
+    message_id = conn.execute(
+        "INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
+        (chat_id, author_id, text, created_at),
+    ).lastrowid
+    conn.execute("INSERT INTO messages_search (rowid, text) VALUES (?, ?)", (message_id, _fold(text)))
+    return message_id
+
+
+def _to_members(conn, chat_id, event):
+    """The same update for every member of a chat."""
+    return dict.fromkeys(_member_ids(conn, chat_id), event)
+
+
 @route("POST", "/chats/<chat_id>/messages")
 def send_message(app, db, me, chat_id):
     """Send a message to one of the caller's chats."""
     chat_id = _path_id(chat_id)
     text = _message_text(_json_body())
     with db.transaction() as conn:
-        members = _members(conn, me, chat_id)
-        now = _iso(time.time())
-        message_id = conn.execute(
-            "INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
-            (chat_id, me, text, now),
-        ).lastrowid
+        _chat_row(conn, me, chat_id)
+        message_id = _insert_message(conn, chat_id, me, text, _iso(time.time()))
         conn.execute("UPDATE chats SET last_message_id = ? WHERE id = ?", (message_id, chat_id))
-        # The author has read up to here; the other member has one more unread.
+        # The author has read up to here; every other member has one more unread.
         conn.execute(
             "UPDATE chat_members SET"
             " last_read_id = CASE WHEN user_id = ? THEN ? ELSE last_read_id END,"
@@ -1255,7 +1459,7 @@ def send_message(app, db, me, chat_id):
             (me, message_id, me, chat_id),
         )
         message = _message_json(conn, message_id)
-        app.feed.add(conn, {user: {"type": "message", "message": json.loads(message)} for user in members})
+        app.feed.add(conn, _to_members(conn, chat_id, {"type": "message", "message": json.loads(message)}))
     app.feed.publish()
     return _json_text(message)
 
@@ -1270,7 +1474,7 @@ def list_messages(db, me, chat_id):
     if before is not None and after is not None:
         raise _invalid("before", "Give at most one of 'before' and 'after'.")
     with db.connection() as conn:
-        _members(conn, me, chat_id)
+        _chat_row(conn, me, chat_id)
         messages, has_more = _message_page(conn, chat_id, limit, before, after)
     return _json_text(f'{{"messages":[{messages}],"has_more":{"true" if has_more else "false"}}}')
 
@@ -1298,20 +1502,119 @@ def _message_page(conn, chat_id, limit, before, after):
     return messages or "", has_more
 
 
+@route("PUT", "/chats/<chat_id>/messages/<message_id>")
+def edit_message(app, db, me, chat_id, message_id):
+    """Change the text of one of your messages (edited_at is set); the same text changes nothing."""
+    chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
+    text = _message_text(_json_body())
+    with db.transaction() as conn:
+        _chat_row(conn, me, chat_id)
+        message = _message_row(conn, chat_id, message_id)
+        if message["author_id"] != me:
+            raise error(403, "forbidden", "Only its author may edit a message.")
+        if text != message["text"]:
+            _change_text(conn, message_id, text, _iso(time.time()))
+            edited = json.loads(_message_json(conn, message_id))
+            app.feed.add(conn, _to_members(conn, chat_id, {"type": "message_edited", "message": edited}))
+        message = _message_json(conn, message_id)
+    app.feed.publish()
+    return _json_text(message)
+
+
+@route("DELETE", "/chats/<chat_id>/messages/<message_id>")
+def delete_message(app, db, me, chat_id, message_id):
+    """Delete a message: your own, or any in a group you own. Its id is never used again."""
+    chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
+    with db.transaction() as conn:
+        chat = _chat_row(conn, me, chat_id)
+        author_id = _message_row(conn, chat_id, message_id)["author_id"]
+        if author_id != me and not (chat["type"] == "group" and chat["owner_id"] == me):
+            raise error(403, "forbidden", "Only its author, or the owner of a group, may delete a message.")
+        # Whoever had not read it yet has one unread message fewer.
+        conn.execute(
+            "UPDATE chat_members SET unread_count = unread_count - 1"
+            " WHERE chat_id = ? AND user_id <> ? AND last_read_id < ?",
+            (chat_id, author_id, message_id),
+        )
+        conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        conn.execute("DELETE FROM messages_search WHERE rowid = ?", (message_id,))
+        conn.execute("UPDATE chats SET last_message_id = (SELECT max(id) FROM messages WHERE chat_id = ?)"
+                     " WHERE id = ?", (chat_id, chat_id))
+        event = {"type": "message_deleted", "chat_id": chat_id, "message_id": message_id}
+        app.feed.add(conn, _to_members(conn, chat_id, event))
+    app.feed.publish()
+    return {}
+
+
+def _emoji(body):
+    emoji = _string(body, "emoji", required=True)
+    if not 1 <= len(emoji) <= MAX_EMOJI_CHARS:
+        raise _invalid("emoji", f"'emoji' must be 1 to {MAX_EMOJI_CHARS} characters long.")
+    if _has_control(emoji) or any(c.isspace() for c in emoji):
+        raise _invalid("emoji", "'emoji' must not contain white space or control characters.")
+    return emoji
+
+
+@route("PUT", "/chats/<chat_id>/messages/<message_id>/reaction")
+def add_reaction(app, db, me, chat_id, message_id):
+    """React to a message with an emoji; one reaction per user, so a new one replaces yours."""
+    emoji = _emoji(_json_body())
+    return _set_reaction(app, db, me, chat_id, message_id, emoji)
+
+
+@route("DELETE", "/chats/<chat_id>/messages/<message_id>/reaction")
+def remove_reaction(app, db, me, chat_id, message_id):
+    """Take your reaction off a message (none to take off changes nothing)."""
+    return _set_reaction(app, db, me, chat_id, message_id, None)
+
+
+def _write_reactions(conn, message_id):
+    """Write a message's reactions into its JSON: {"emoji": [user ids, ascending], ...}."""
+    conn.execute(
+        "UPDATE messages SET reactions = (SELECT json_group_object(emoji, json(users)) FROM"
+        " (SELECT emoji, json_group_array(user_id) AS users FROM (SELECT emoji, user_id"
+        " FROM reactions WHERE message_id = ? ORDER BY emoji, user_id) GROUP BY emoji))"
+        " WHERE id = ?",
+        (message_id, message_id),
+    )
+
+
+def _set_reaction(app, db, me, chat_id, message_id, emoji):
+    """Make the caller's reaction `emoji` (None: none); the message."""
+    chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
+    with db.transaction() as conn:
+        _chat_row(conn, me, chat_id)
+        _message_row(conn, chat_id, message_id)
+        old = conn.execute("SELECT emoji FROM reactions WHERE message_id = ? AND user_id = ?",
+                           (message_id, me)).fetchone()
+        if emoji != (old and old["emoji"]):
+            if emoji is None:
+                conn.execute("DELETE FROM reactions WHERE message_id = ? AND user_id = ?", (message_id, me))
+            else:
+                conn.execute(
+                    "INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?)"
+                    " ON CONFLICT (message_id, user_id) DO UPDATE SET emoji = excluded.emoji",
+                    (message_id, me, emoji),
+                )
+            _write_reactions(conn, message_id)
+            event = {"type": "reaction", "chat_id": chat_id, "message_id": message_id, "user_id": me,
+                     "emoji": emoji}
+            app.feed.add(conn, _to_members(conn, chat_id, event))
+        message = _message_json(conn, message_id)
+    app.feed.publish()
+    return _json_text(message)
+
+
 @route("POST", "/chats/<chat_id>/read")
 def mark_read(app, db, me, chat_id):
     """Move the caller's read mark forward, to a message or to the newest; the unread count."""
     chat_id = _path_id(chat_id)
     message_id = _json_int(_json_body(), "message_id", required=False)
     with db.transaction() as conn:
-        members = _members(conn, me, chat_id)
+        chat = _chat_row(conn, me, chat_id)
         if message_id is None:
-            message_id = conn.execute(
-                "SELECT last_message_id FROM chats WHERE id = ?", (chat_id,)
-            ).fetchone()[0] or 0
-        elif not conn.execute(
-            "SELECT 1 FROM messages WHERE id = ? AND chat_id = ?", (message_id, chat_id)
-        ).fetchone():
+            message_id = chat["last_message_id"] or 0
+        elif not _exists(conn, "SELECT 1 FROM messages WHERE id = ? AND chat_id = ?", (message_id, chat_id)):
             raise _invalid("message_id", "'message_id' is not a message of this chat.")
         moved = conn.execute(
             "UPDATE chat_members SET last_read_id = ?, unread_count ="
@@ -1320,14 +1623,71 @@ def mark_read(app, db, me, chat_id):
             (message_id, chat_id, message_id, me, me, chat_id, message_id),
         ).rowcount
         if moved:
+            # The reader's other devices, and in a dialog the other member; never
+            # a whole group, so a read costs the same in a group as in a dialog.
+            readers = {me, chat["user_low"], chat["user_high"]} - {None}
             event = {"type": "read", "chat_id": chat_id, "user_id": me, "message_id": message_id}
-            app.feed.add(conn, {user: event for user in members if user != me})
+            app.feed.add(conn, dict.fromkeys(readers, event))
         unread_count = conn.execute(
             "SELECT unread_count FROM chat_members WHERE user_id = ? AND chat_id = ?", (me, chat_id)
         ).fetchone()[0]
     if moved:
         app.feed.publish()
     return {"unread_count": unread_count}
+
+
+def _words(text):
+    """The words of a text as a search sees them: folded, then runs of letters, digits and marks."""
+    words, word = [], ""
+    for c in _fold(text):
+        if unicodedata.category(c)[0] in "LNM" or unicodedata.category(c) == "Co":
+            word += c
+        elif word:
+            words.append(word)
+            word = ""
+    return words + [word] if word else words
+
+
+def _starts_words(text, query):
+    """Whether every word of `query` (words joined by spaces) starts a word of `text` (folded)."""
+    words = _words(text)
+    return all(any(word.startswith(part) for word in words) for part in query.split(" "))
+
+
+@route("GET", "/messages")
+def search_messages(db, me):
+    """Messages in the caller's chats whose words start with every word of ?query=, newest first."""
+    query = _query_text("query")
+    chat_id = _query_int("chat_id", None, 1, MAX_ID)
+    limit = _query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    before = _query_int("before", MAX_ID, 1, MAX_ID)
+    words = _words(query)
+    if not words:
+        raise _invalid("query", "A search needs a word: a letter or a digit.")
+    with db.connection() as conn:
+        if chat_id is not None:
+            _chat_row(conn, me, chat_id)
+        rows = find_messages(conn, me, words, chat_id, before, limit + 1, db.search_index)
+    messages = ",".join(row[0] for row in rows[:limit])
+    return _json_text(f'{{"messages":[{messages}],"has_more":{"true" if len(rows) > limit else "false"}}}')
+
+
+def find_messages(conn, me, words, chat_id, before, limit, use_index=True):
+    """Rows of the JSON of the newest messages in the chats of `me` whose words start with `words`."""
+    where = "m.id < ?" + (" AND m.chat_id = ?" if chat_id else "")
+    params = (before, chat_id) if chat_id else (before,)
+    if use_index:
+        # Quoted, each word is literal; the * makes it a prefix.
+        match = " AND ".join('"' + word.replace('"', '""') + '"*' for word in words)
+        where, params = "messages_search MATCH ? AND " + where, (match, *params)
+    else:
+        where, params = "starts_words(s.text, ?) AND " + where, (" ".join(words), *params)
+    return conn.execute(
+        "SELECT m.json FROM messages_search AS s JOIN messages AS m ON m.id = s.rowid"
+        " JOIN chat_members AS member ON member.chat_id = m.chat_id AND member.user_id = ?"
+        " WHERE " + where + " ORDER BY s.rowid DESC LIMIT ?",
+        (me, *params, limit),
+    ).fetchall()
 
 
 # ---------------------------------------------------------------------------
@@ -1434,8 +1794,20 @@ DEMO_USERS = [  # email, username, name, status, phone
     ("carol@example.com", "carol", "Carol Díaz", "", "+34 600 123 456"),
     ("dave@example.com", "dave", "Dave Kim", "Offline until Monday", ""),
 ]
-DEMO_CHATS = [  # two usernames, then (author, text) from the oldest
-    ("ann", "bob", [
+# The oldest first: a group's name (None: a dialog), its members (the owner
+# first), and (author, text) from the oldest.
+DEMO_CHATS = [
+    (None, ["bob", "dave"], [
+        ("dave", "Did you push the fix for the login page?"),
+        ("bob", "Yes, it's on main since this morning."),
+        ("dave", "Thanks, I'll test it on Monday."),
+    ]),
+    (None, ["ann", "carol"], [
+        ("ann", "Carol, park on Saturday at 10? Bob is coming."),
+        ("carol", "Count me in!"),
+        ("carol", "Can I bring my sister?"),
+    ]),
+    (None, ["ann", "bob"], [
         ("bob", "Hey Ann! Are we still on for Saturday?"),
         ("ann", "Yes! 10 am at the park entrance?"),
         ("bob", "Perfect. I'll bring the frisbee."),
@@ -1444,17 +1816,16 @@ DEMO_CHATS = [  # two usernames, then (author, text) from the oldest
         ("ann", "Already did, she's in."),
         ("bob", "Great, see you there!"),
     ]),
-    ("ann", "carol", [
-        ("ann", "Carol, park on Saturday at 10? Bob is coming."),
-        ("carol", "Count me in!"),
-        ("carol", "Can I bring my sister?"),
-    ]),
-    ("bob", "dave", [
-        ("dave", "Did you push the fix for the login page?"),
-        ("bob", "Yes, it's on main since this morning."),
-        ("dave", "Thanks, I'll test it on Monday."),
+    ("Saturday in the park", ["ann", "bob", "carol"], [
+        ("ann", "A group for Saturday, so the three of us can plan together."),
+        ("bob", "I'll bring the frisbee."),
+        ("carol", "My sister is coming too, with her kite!"),
+        ("ann", "Lovely. See you all at 10 at the entrance."),
     ]),
 ]
+DEMO_EDIT = ("Saturday in the park", 1, "I'll bring the frisbee and a ball.")  # the second message
+DEMO_REACTIONS = [("Saturday in the park", 2, "ann", "🪁"), ("Saturday in the park", 3, "bob", "👍"),
+                  ("Saturday in the park", 3, "carol", "👍")]
 
 
 def _has_demo_logins(app):
@@ -1467,7 +1838,7 @@ def _has_demo_logins(app):
 
 
 def seed_demo(app):
-    """Fill an empty database with demo users, dialogs and messages; False if it had users."""
+    """Fill an empty database with demo users, chats and messages; False if it had users."""
     with app.db.connection() as conn:
         if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
             return False
@@ -1479,34 +1850,50 @@ def seed_demo(app):
         ids = {username: _insert_user(conn, email, username, password_hash, name, status, phone,
                                       _iso(now - 7 * DAY_SECONDS))
                for email, username, name, status, phone in DEMO_USERS}
-        # The oldest dialog first, so that message ids grow with time.
-        for age, (first, second, messages) in reversed(list(enumerate(DEMO_CHATS, 1))):
-            low, high = sorted((ids[first], ids[second]))
-            start = now - age * DAY_SECONDS  # the first chat has the latest messages
-            chat_id = conn.execute(
-                "INSERT INTO chats (user_low, user_high, created_at, opened_after) VALUES (?, ?, ?, 0)",
-                (low, high, _iso(start)),
-            ).lastrowid
-            for minutes, (author, text) in enumerate(messages):
-                message_id = conn.execute(
-                    "INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
-                    (chat_id, ids[author], text, _iso(start + 60 * (minutes + 1))),
-                ).lastrowid
+        messages = {}  # (group name, n): message id
+        # The oldest chat first, so that message ids grow with time.
+        for age, (name, members, texts) in zip(range(len(DEMO_CHATS), 0, -1), DEMO_CHATS):
+            start = now - age * HOUR_SECONDS
+            chat_id = _insert_demo_chat(conn, name, [ids[member] for member in members], _iso(start))
+            for n, (author, text) in enumerate(texts):
+                message_id = _insert_message(conn, chat_id, ids[author], text, _iso(start + 60 * (n + 1)))
+                messages[name, n] = message_id
                 # Each member has read up to their own last message: the rest is unread.
-                conn.execute(
-                    "INSERT INTO chat_members (user_id, chat_id, last_read_id) VALUES (?, ?, ?)"
-                    " ON CONFLICT (chat_id, user_id) DO UPDATE SET last_read_id = excluded.last_read_id",
-                    (ids[author], chat_id, message_id),
-                )
-            conn.execute("INSERT OR IGNORE INTO chat_members (user_id, chat_id) VALUES (?, ?), (?, ?)",
-                         (low, chat_id, high, chat_id))
+                conn.execute("UPDATE chat_members SET last_read_id = ? WHERE chat_id = ? AND user_id = ?",
+                             (message_id, chat_id, ids[author]))
             conn.execute("UPDATE chats SET last_message_id = ? WHERE id = ?", (message_id, chat_id))
+        name, n, text = DEMO_EDIT
+        _change_text(conn, messages[name, n], text, _iso(now - 60))
+        for name, n, username, emoji in DEMO_REACTIONS:
+            conn.execute("INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?)",
+                         (messages[name, n], ids[username], emoji))
+            _write_reactions(conn, messages[name, n])
         conn.execute(
             "UPDATE chat_members SET unread_count = (SELECT count(*) FROM messages AS m"
             " WHERE m.chat_id = chat_members.chat_id AND m.id > chat_members.last_read_id"
             " AND m.author_id <> chat_members.user_id)"
         )
     return True
+
+
+def _insert_demo_chat(conn, name, members, created_at):
+    """A demo dialog (no name) or group (its first member the owner), its members in; its id."""
+    if name is None:
+        low, high = sorted(members)
+        chat_id = conn.execute(
+            "INSERT INTO chats (type, user_low, user_high, created_at, opened_after)"
+            " VALUES ('dialog', ?, ?, ?, 0)",
+            (low, high, created_at),
+        ).lastrowid
+    else:
+        chat_id = conn.execute(
+            "INSERT INTO chats (type, name, owner_id, created_at, opened_after)"
+            " VALUES ('group', ?, ?, ?, 0)",
+            (name, members[0], created_at),
+        ).lastrowid
+    conn.executemany("INSERT INTO chat_members (chat_id, user_id, joined) VALUES (?, ?, ?)",
+                     [(chat_id, user, joined) for joined, user in enumerate(members)])
+    return chat_id
 
 
 # ---------------------------------------------------------------------------
@@ -1534,9 +1921,13 @@ def _prefers_json():
 def reset_database(app, db):
     """Empty every table and end every session; with demo data, seed it again (--allow-reset)."""
     with db.transaction() as conn:
-        # Deleting the users cascades to everything that belongs to them.
+        # Deleting the users cascades to everything that belongs to them; groups,
+        # the search words and the login failures belong to no one.
         conn.execute("DELETE FROM users")  # with no rows left, ids start at 1 again
+        conn.execute("DELETE FROM chats")
+        conn.execute("DELETE FROM messages_search")
         conn.execute("DELETE FROM login_failures")
+        conn.execute("DELETE FROM sqlite_sequence")  # message ids too
     if app.options.demo:
         seed_demo(app)
     return {}

@@ -44,37 +44,44 @@ CREATE TABLE IF NOT EXISTS photos (
     data         BLOB NOT NULL
 );
 
--- A chat is a dialog of two users, stored once for the pair.
+-- A chat is a dialog of two users, stored once for the pair, or a named
+-- group of up to 100 members.
 CREATE TABLE IF NOT EXISTS chats (
     id              INTEGER PRIMARY KEY,
-    user_low        INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-    user_high       INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    type            TEXT NOT NULL CHECK (type IN ('dialog', 'group')),
+    -- a dialog's two members, smaller id first; NULL in a group (NULLs never
+    -- collide in a UNIQUE constraint, so only dialogs are one per pair)
+    user_low        INTEGER REFERENCES users (id) ON DELETE CASCADE,
+    user_high       INTEGER REFERENCES users (id) ON DELETE CASCADE,
+    name            TEXT NOT NULL DEFAULT '',   -- a group's; a dialog shows the other member's
+    owner_id        INTEGER REFERENCES users (id) ON DELETE SET NULL,  -- a group's
     created_at      TEXT NOT NULL,
-    last_message_id INTEGER REFERENCES messages (id),
+    last_message_id INTEGER REFERENCES messages (id) ON DELETE SET NULL,
     -- The largest message id when the chat was opened, plus 0.5: sorting by
     -- coalesce(last_message_id, opened_after), then by id, puts the chat
     -- with the latest activity first.
     opened_after    REAL NOT NULL,
     UNIQUE (user_low, user_high),
-    CHECK (user_low < user_high)
+    CHECK (type = 'group' OR user_low < user_high)
 );
 
--- Keyed by chat first, so a send updates both members' rows on one page.
+-- Keyed by chat first, so a send updates every member's row on few pages.
 CREATE TABLE IF NOT EXISTS chat_members (
     chat_id      INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
     user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    joined       INTEGER NOT NULL DEFAULT 0,  -- the order of joining: a leaving owner's heir
     last_read_id INTEGER NOT NULL DEFAULT 0,
-    -- the other member's messages after last_read_id, kept up to date by
-    -- every send and read, so that listing chats never counts messages
+    -- the other members' messages after last_read_id, kept up to date by
+    -- every send, deletion and read, so that listing chats never counts messages
     unread_count INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (chat_id, user_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chat_members_by_user ON chat_members (user_id, chat_id);
 
--- A new row's id is one more than the largest: messages are never deleted
--- (but by a reset, which starts over), so ids grow with time.
+-- AUTOINCREMENT: a message's id is never handed out again, also after the
+-- newest is deleted, so ids grow with time and clients' cursors hold.
 CREATE TABLE IF NOT EXISTS messages (
-    id         INTEGER PRIMARY KEY,
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
     chat_id    INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
     author_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     text       TEXT NOT NULL,
@@ -90,6 +97,15 @@ CREATE TABLE IF NOT EXISTS messages (
                    'reactions', json(reactions))) STORED
 );
 CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, id);
+
+-- At most one reaction per user per message. messages.reactions holds the
+-- same as JSON, written again from here at every change.
+CREATE TABLE IF NOT EXISTS reactions (
+    message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    emoji      TEXT NOT NULL,
+    PRIMARY KEY (message_id, user_id)
+) WITHOUT ROWID;
 
 -- One row per event per recipient, for GET /updates. Ids grow with time
 -- too: old rows are pruned only after new ones are written, so the largest
@@ -108,8 +124,8 @@ PRAGMA user_version = 2;
 -- Each step brings a database from the version before it to its own.
 
 -- upgrade to 2: keys are NFC-normalised (fold() is messenger.py's, lent to
--- this connection), searches fold ё into е, the search index follows, and
--- messages store their JSON.
+-- this connection), username searches read ё as е, chats may be groups,
+-- and messages may be edited, deleted and reacted to.
 DROP TRIGGER IF EXISTS users_search_insert;
 DROP TRIGGER IF EXISTS users_search_delete;
 DROP TRIGGER IF EXISTS users_search_update;
@@ -119,10 +135,30 @@ UPDATE OR IGNORE users SET email_key = fold(email), username_key = fold(username
 ALTER TABLE users ADD COLUMN
     search_key TEXT GENERATED ALWAYS AS (replace(username_key, 'ё', 'е')) VIRTUAL;
 CREATE INDEX IF NOT EXISTS users_by_search_key ON users (search_key, username_key);
--- Messages gain edited_at, reactions and their stored JSON: a new table,
--- since SQLite adds stored columns only to a table it creates.
+-- Chats become dialogs or groups; members remember when they joined;
+-- messages gain edited_at, reactions, their stored JSON and ids that are
+-- never reused. New tables, since SQLite changes constraints and adds
+-- stored columns only in a table it creates.
+CREATE TABLE chats_2 (
+    id              INTEGER PRIMARY KEY,
+    type            TEXT NOT NULL CHECK (type IN ('dialog', 'group')),
+    user_low        INTEGER REFERENCES users (id) ON DELETE CASCADE,
+    user_high       INTEGER REFERENCES users (id) ON DELETE CASCADE,
+    name            TEXT NOT NULL DEFAULT '',
+    owner_id        INTEGER REFERENCES users (id) ON DELETE SET NULL,
+    created_at      TEXT NOT NULL,
+    last_message_id INTEGER REFERENCES messages (id) ON DELETE SET NULL,
+    opened_after    REAL NOT NULL,
+    UNIQUE (user_low, user_high),
+    CHECK (type = 'group' OR user_low < user_high)
+);
+INSERT INTO chats_2 (id, type, user_low, user_high, created_at, last_message_id, opened_after)
+    SELECT id, 'dialog', user_low, user_high, created_at, last_message_id, opened_after FROM chats;
+DROP TABLE chats;
+ALTER TABLE chats_2 RENAME TO chats;
+ALTER TABLE chat_members ADD COLUMN joined INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE messages_2 (
-    id         INTEGER PRIMARY KEY,
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
     chat_id    INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
     author_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     text       TEXT NOT NULL,
@@ -139,13 +175,21 @@ INSERT INTO messages_2 (id, chat_id, author_id, text, created_at)
 DROP TABLE messages;
 ALTER TABLE messages_2 RENAME TO messages;
 CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, id);
+CREATE TABLE IF NOT EXISTS reactions (
+    message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    emoji      TEXT NOT NULL,
+    PRIMARY KEY (message_id, user_id)
+) WITHOUT ROWID;
 PRAGMA user_version = 2;
 
 -- search-index
--- What follows runs only where SQLite has FTS5 (3.34+ for trigrams). It
--- indexes every three-character piece of each user's search key, so a
+-- What follows runs only where SQLite has FTS5 (3.34+ for trigrams); where
+-- it has not, the part after "-- no-search-index" runs instead.
+--
+-- Every three-character piece of each user's search key, so a username
 -- search of 3+ characters finds its matches without reading every user;
--- shorter searches, and SQLite without FTS5, scan with instr().
+-- shorter searches scan with instr().
 CREATE VIRTUAL TABLE IF NOT EXISTS users_search USING fts5 (
     search_key, content = 'users', content_rowid = 'id', tokenize = 'trigram case_sensitive 1'
 );
@@ -163,3 +207,18 @@ CREATE TRIGGER IF NOT EXISTS users_search_update AFTER UPDATE OF username_key ON
 END;
 -- Index the users already there (after an upgrade; on a new database, none).
 INSERT INTO users_search (users_search) VALUES ('rebuild');
+
+-- The words of each message, for GET /messages: NFC-normalised and
+-- casefolded by messenger.py (fold()), which writes this table with every
+-- send, edit and deletion. Words are runs of letters, digits and marks.
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_search USING fts5 (
+    text, tokenize = "unicode61 remove_diacritics 0 categories 'L* N* Co M*'"
+);
+-- Index the messages already there (after an upgrade; on a new database, none).
+INSERT INTO messages_search (rowid, text) SELECT id, fold(text) FROM messages;
+
+-- no-search-index
+-- Where SQLite has no FTS5, the words of messages are kept in a plain table
+-- of the same name, and searches read all of it.
+CREATE TABLE IF NOT EXISTS messages_search (rowid INTEGER PRIMARY KEY, text TEXT NOT NULL);
+INSERT INTO messages_search (rowid, text) SELECT id, fold(text) FROM messages;

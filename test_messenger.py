@@ -891,7 +891,8 @@ def test_upload_photo_too_large(make_app):
 
 
 def test_create_chat_returns_the_chat(ann, bob, chat):
-    assert chat == {"id": chat["id"], "name": "bob", "members": [ann.user["id"], bob.user["id"]],
+    assert chat == {"id": chat["id"], "type": "dialog", "name": "bob",
+                    "members": [ann.user["id"], bob.user["id"]], "owner_id": None,
                     "last_message": None, "unread_count": 0, "created_at": chat["created_at"]}
 
 
@@ -1442,13 +1443,12 @@ def test_updates_message_reaches_both_members(ann, bob, chat):
         assert last == {"update_id": last["update_id"], "type": "message", "message": message}
 
 
-def test_updates_read_mark_reaches_the_other_member(ann, bob, chat):
+def test_updates_read_mark_reaches_the_other_member_and_the_reader(ann, bob, chat):
     message = send(ann, chat["id"], "hello")
     bob.post_json(f"/chats/{chat['id']}/read", {})
-    last = updates(ann)[-1]
-    assert last == {"update_id": last["update_id"], "type": "read", "chat_id": chat["id"],
-                    "user_id": bob.user["id"], "message_id": message["id"]}
-    assert updates(bob)[-1]["type"] == "message"
+    event = {"type": "read", "chat_id": chat["id"], "user_id": bob.user["id"], "message_id": message["id"]}
+    assert [dict(u, update_id=0) for u in updates(ann)[-1:] + updates(bob)[-1:]] == \
+        [dict(event, update_id=0)] * 2
 
 
 def test_updates_read_mark_that_does_not_move_is_no_update(ann, bob, chat):
@@ -1886,10 +1886,14 @@ def test_demo_fills_an_empty_database(make_app):
     client = webtest.TestApp(app)
     client.post_json("/login", {"email": "ann@example.com", "password": messenger.DEMO_PASSWORD})
     chats = client.get("/chats").json["chats"]
-    assert [chat["name"] for chat in chats] == ["Bob Stone", "Carol Díaz"]
-    assert [chat["unread_count"] for chat in chats] == [1, 2]
-    history = client.get(f"/chats/{chats[0]['id']}/messages").json["messages"]
+    assert [(chat["name"], chat["type"]) for chat in chats] == [
+        ("Saturday in the park", "group"), ("Bob Stone", "dialog"), ("Carol Díaz", "dialog")]
+    assert [chat["unread_count"] for chat in chats] == [0, 1, 2]
+    history = client.get(f"/chats/{chats[1]['id']}/messages").json["messages"]
     assert len(history) == 7 and history == sorted(history, key=lambda m: m["created_at"])
+    group = client.get(f"/chats/{chats[0]['id']}/messages").json["messages"]
+    assert [m["edited_at"] is not None for m in group] == [False, True, False, False]
+    assert [m["reactions"] for m in group] == [{}, {}, {"🪁": [1]}, {"👍": [2, 3]}]
     assert client.get("/photos/1").content_type == "image/svg+xml"
 
 
