@@ -1674,6 +1674,8 @@ def search_messages(db, me):
 
 def find_messages(conn, me, words, chat_id, before, limit, use_index=True):
     """Rows of the JSON of the newest messages in the chats of `me` whose words start with `words`."""
+    if not words:
+        return []
     where = "m.id < ?" + (" AND m.chat_id = ?" if chat_id else "")
     params = (before, chat_id) if chat_id else (before,)
     if use_index:

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import http.client
 import urllib.error
 import urllib.parse
@@ -116,6 +118,10 @@ def user_json(user_id, email, username, name="", status="", phone=""):
 
 def send(client, chat_id, text):
     return client.post_json(f"/chats/{chat_id}/messages", {"text": text}).json
+
+
+def updates(client, **params):
+    return client.get("/updates", params=params).json["updates"]
 
 
 def profile(client, **changes):
@@ -1094,6 +1100,542 @@ def test_read_others_chat_is_not_found(login, chat):
     assert error(response) == ("chat_not_found", None)
 
 
+# Groups (contract 5, chats)
+
+
+def make_group(client, name="Trip", *members):
+    return client.post_json("/chats", {"name": name, "member_ids": [m.user["id"] for m in members]}).json
+
+
+def add_users(app, count):
+    """Store `count` users straight into the database, for tests that need many; their ids."""
+    with app.db.transaction() as conn:
+        first = conn.execute("SELECT coalesce(max(id), 0) FROM users").fetchone()[0]
+        return [messenger._insert_user(conn, f"many{n}@example.com", f"many{n}", "x")
+                for n in range(first, first + count)]
+
+
+@pytest.fixture
+def carol(login):
+    return login("carol@example.com", username="carol")
+
+
+@pytest.fixture
+def group(ann, bob, carol):
+    """Ann's group with Bob and Carol."""
+    return make_group(ann, "Trip", bob, carol)
+
+
+def test_create_group_returns_the_group(ann, bob, carol, group):
+    assert group == {"id": group["id"], "type": "group", "name": "Trip",
+                     "members": [ann.user["id"], bob.user["id"], carol.user["id"]],
+                     "owner_id": ann.user["id"], "last_message": None, "unread_count": 0,
+                     "created_at": group["created_at"]}
+
+
+def test_create_group_ignores_duplicates_and_the_caller(ann, bob):
+    body = {"name": "Us", "member_ids": [bob.user["id"], bob.user["id"], ann.user["id"]]}
+    assert ann.post_json("/chats", body).json["members"] == [ann.user["id"], bob.user["id"]]
+
+
+def test_create_group_alone_and_twice(ann):
+    first, second = make_group(ann, "Notes"), make_group(ann, "Notes")
+    assert (first["members"], second["members"]) == ([ann.user["id"]], [ann.user["id"]])
+    assert first["id"] != second["id"]
+
+
+def test_create_group_reaches_every_member(ann, bob, carol, group):
+    for client in (ann, bob, carol):
+        assert updates(client)[-1]["chat"] == client.get(f"/chats/{group['id']}").json
+
+
+@pytest.mark.parametrize("body, mnemonic, field", [
+    ({"name": ""}, "invalid_field", "name"),
+    ({"name": " \t"}, "invalid_field", "name"),
+    ({"name": "n" * 129}, "invalid_field", "name"),
+    ({"name": "a\x01b"}, "invalid_field", "name"),
+    ({"name": 5}, "invalid_field", "name"),
+    ({"name": "Trip", "member_ids": "2"}, "invalid_field", "member_ids"),
+    ({"name": "Trip", "member_ids": [True]}, "invalid_field", "member_ids"),
+    ({"name": "Trip", "member_ids": [0]}, "invalid_field", "member_ids"),
+    ({"name": "Trip", "member_ids": [2**63]}, "invalid_field", "member_ids"),
+    ({"name": "Trip", "member_ids": [999]}, "user_not_found", "member_ids"),
+    ({"name": "Trip", "user_id": 2}, "invalid_field", "user_id"),
+    ({}, "missing_field", "user_id"),
+])
+def test_create_group_bad_body(ann, body, mnemonic, field):
+    assert error(ann.post_json("/chats", body, status=400)) == (mnemonic, field)
+
+
+def test_create_group_name_at_its_limit(ann):
+    assert make_group(ann, "n" * 128)["name"] == "n" * 128
+
+
+def test_create_group_of_100_members(app, ann):
+    others = add_users(app, 99)
+    assert len(ann.post_json("/chats", {"name": "Big", "member_ids": others}).json["members"]) == 100
+
+
+def test_create_group_of_101_members_is_invalid(app, ann):
+    others = add_users(app, 100)
+    response = ann.post_json("/chats", {"name": "Big", "member_ids": others}, status=400)
+    assert error(response) == ("invalid_field", "member_ids")
+
+
+def test_rename_group(ann, bob, group):
+    renamed = bob.put_json(f"/chats/{group['id']}", {"name": "Trip to Kazan"}).json
+    assert renamed == dict(group, name="Trip to Kazan")
+    assert updates(ann)[-1]["chat"]["name"] == "Trip to Kazan"
+
+
+def test_rename_dialog_is_forbidden(ann, chat):
+    response = ann.put_json(f"/chats/{chat['id']}", {"name": "Us"}, status=403)
+    assert error(response) == ("forbidden", None)
+
+
+@pytest.mark.parametrize("body, mnemonic", [({}, "missing_field"), ({"name": ""}, "invalid_field"),
+                                            ({"name": "n" * 129}, "invalid_field")])
+def test_rename_group_bad_name(ann, group, body, mnemonic):
+    assert error(ann.put_json(f"/chats/{group['id']}", body, status=400)) == (mnemonic, "name")
+
+
+def test_add_member(ann, bob, login, group):
+    dave = login("dave@example.com")
+    chat = bob.post_json(f"/chats/{group['id']}/members", {"user_id": dave.user["id"]}).json
+    assert chat == dict(group, members=group["members"] + [dave.user["id"]])
+    assert updates(dave)[-1]["chat"] == dave.get(f"/chats/{group['id']}").json
+
+
+def test_add_member_twice_changes_nothing(ann, bob, group):
+    updates_before = updates(ann)
+    chat = ann.post_json(f"/chats/{group['id']}/members", {"user_id": bob.user["id"]}).json
+    assert (chat, updates(ann)) == (group, updates_before)
+
+
+def test_new_member_sees_the_history_with_nothing_unread(ann, login, group):
+    sent = [send(ann, group["id"], text)["id"] for text in ("one", "two")]
+    dave = login("dave@example.com")
+    ann.post_json(f"/chats/{group['id']}/members", {"user_id": dave.user["id"]})
+    assert page(dave, group) == (sent, False)
+    assert dave.get(f"/chats/{group['id']}").json["unread_count"] == 0
+
+
+@pytest.mark.parametrize("body, mnemonic", [({}, "missing_field"), ({"user_id": "2"}, "invalid_field"),
+                                            ({"user_id": 999}, "user_not_found")])
+def test_add_member_bad_user(ann, group, body, mnemonic):
+    response = ann.post_json(f"/chats/{group['id']}/members", body, status=400)
+    assert error(response) == (mnemonic, "user_id")
+
+
+def test_add_member_to_a_dialog_is_forbidden(ann, login, chat):
+    dave = login("dave@example.com")
+    response = ann.post_json(f"/chats/{chat['id']}/members", {"user_id": dave.user["id"]}, status=403)
+    assert error(response) == ("forbidden", None)
+
+
+def test_add_member_to_a_full_group_is_invalid(app, ann):
+    full = ann.post_json("/chats", {"name": "Full", "member_ids": add_users(app, 99)}).json
+    response = ann.post_json(f"/chats/{full['id']}/members", {"user_id": add_users(app, 1)[0]},
+                             status=400)
+    assert error(response) == ("invalid_field", "user_id")
+
+
+def test_leave_group(ann, bob, carol, group):
+    assert bob.delete(f"/chats/{group['id']}/members/{bob.user['id']}").json == {}
+    assert ann.get(f"/chats/{group['id']}").json["members"] == [ann.user["id"], carol.user["id"]]
+    assert [u["type"] for u in updates(bob)][-1] == "chat_removed"
+
+
+def test_owner_removes_a_member(ann, bob, carol, group):
+    chat = ann.delete(f"/chats/{group['id']}/members/{carol.user['id']}").json
+    assert chat == dict(group, members=[ann.user["id"], bob.user["id"]])
+    last = updates(carol)[-1]
+    assert last == {"update_id": last["update_id"], "type": "chat_removed", "chat_id": group["id"]}
+
+
+def test_non_owner_removing_a_member_is_forbidden(bob, carol, group):
+    response = bob.delete(f"/chats/{group['id']}/members/{carol.user['id']}", status=403)
+    assert error(response) == ("forbidden", None)
+
+
+def test_removing_a_non_member_changes_nothing(ann, login, group):
+    dave = login("dave@example.com")
+    assert ann.delete(f"/chats/{group['id']}/members/{dave.user['id']}").json == group
+
+
+@pytest.mark.parametrize("user, mnemonic, field", [("999", "user_not_found", None),
+                                                   ("0", "invalid_field", "user_id"),
+                                                   ("abc", "invalid_field", "user_id")])
+def test_remove_member_bad_user(ann, group, user, mnemonic, field):
+    response = ann.delete(f"/chats/{group['id']}/members/{user}", status=400)
+    assert error(response) == (mnemonic, field)
+
+
+def test_remove_member_of_a_dialog_is_forbidden(ann, bob, chat):
+    response = ann.delete(f"/chats/{chat['id']}/members/{bob.user['id']}", status=403)
+    assert error(response) == ("forbidden", None)
+
+
+def test_owner_leaving_hands_the_group_to_the_earliest_member(ann, bob, carol, login, group):
+    dave = login("dave@example.com")
+    ann.post_json(f"/chats/{group['id']}/members", {"user_id": dave.user["id"]})
+    ann.delete(f"/chats/{group['id']}/members/{ann.user['id']}")
+    assert dave.get(f"/chats/{group['id']}").json["owner_id"] == bob.user["id"]
+
+
+def test_last_member_leaving_deletes_the_group(app, ann):
+    alone = make_group(ann, "Alone")
+    send(ann, alone["id"], "echo")
+    ann.delete(f"/chats/{alone['id']}/members/{ann.user['id']}")
+    assert query(app, "SELECT count(*) FROM chats WHERE id = ?", alone["id"]) == [(0,)]
+    assert query(app, "SELECT count(*) FROM messages_search") == [(0,)]
+
+
+def test_former_members_messages_stay(ann, bob, group):
+    message = send(bob, group["id"], "bye all")
+    bob.delete(f"/chats/{group['id']}/members/{bob.user['id']}")
+    assert ann.get(f"/chats/{group['id']}/messages").json["messages"] == [message]
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/chats/{chat}", None), ("PUT", "/chats/{chat}", {"name": "Mine"}),
+    ("POST", "/chats/{chat}/members", {"user_id": 1}), ("DELETE", "/chats/{chat}/members/1", None),
+    ("GET", "/chats/{chat}/messages", None), ("POST", "/chats/{chat}/messages", {"text": "back"}),
+    ("PUT", "/chats/{chat}/messages/{message}", {"text": "changed"}),
+    ("DELETE", "/chats/{chat}/messages/{message}", None),
+    ("PUT", "/chats/{chat}/messages/{message}/reaction", {"emoji": "👍"}),
+    ("DELETE", "/chats/{chat}/messages/{message}/reaction", None),
+    ("POST", "/chats/{chat}/read", {}), ("GET", "/messages?query=hi&chat_id={chat}", None),
+])
+def test_former_member_finds_no_chat(ann, bob, group, method, path, body):
+    message = send(bob, group["id"], "hi")
+    bob.delete(f"/chats/{group['id']}/members/{bob.user['id']}")
+    response = bob.request(path.format(chat=group["id"], message=message["id"]), method=method,
+                           body=json.dumps(body).encode() if body else b"", status=400)
+    assert error(response) == ("chat_not_found", None)
+
+
+def test_former_member_gets_no_updates_after_removal(ann, bob, group):
+    bob.delete(f"/chats/{group['id']}/members/{bob.user['id']}")
+    removed = updates(bob)
+    message = send(ann, group["id"], "after")
+    ann.put_json(f"/chats/{group['id']}", {"name": "New name"})
+    ann.put_json(f"/chats/{group['id']}/messages/{message['id']}/reaction", {"emoji": "👍"})
+    assert updates(bob) == removed and removed[-1]["type"] == "chat_removed"
+    assert bob.get("/chats").json == {"chats": []}
+    assert bob.get("/messages", params={"query": "after"}).json == {"messages": [], "has_more": False}
+
+
+# Edits, deletions and reactions (contract 5, messages)
+
+
+def test_edit_message(ann, bob, chat):
+    message = send(ann, chat["id"], "helo")
+    edited = ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}", {"text": "hello"}).json
+    assert edited == dict(message, text="hello", edited_at=edited["edited_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", edited["edited_at"])
+    assert ann.get(f"/chats/{chat['id']}/messages").json["messages"] == [edited]
+    last = updates(bob)[-1]
+    assert last == {"update_id": last["update_id"], "type": "message_edited", "message": edited}
+
+
+def test_edit_message_with_the_same_text_changes_nothing(ann, chat):
+    message = send(ann, chat["id"], "hello")
+    before = updates(ann)
+    assert ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}", {"text": "hello"}).json == message
+    assert updates(ann) == before
+
+
+def test_edit_someone_elses_message_is_forbidden(ann, bob, chat):
+    message = send(ann, chat["id"], "mine")
+    response = bob.put_json(f"/chats/{chat['id']}/messages/{message['id']}", {"text": "ours"}, status=403)
+    assert error(response) == ("forbidden", None)
+
+
+@pytest.mark.parametrize("body, mnemonic", [({}, "missing_field"), ({"text": " "}, "invalid_field"),
+                                            ({"text": "t" * 4097}, "invalid_field")])
+def test_edit_message_bad_text(ann, chat, body, mnemonic):
+    message = send(ann, chat["id"], "hello")
+    response = ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}", body, status=400)
+    assert error(response) == (mnemonic, "text")
+
+
+def test_message_of_another_chat_is_not_found(ann, chat, group):
+    message = send(ann, group["id"], "in the group")
+    for method, suffix, body in (("PUT", "", {"text": "x"}), ("DELETE", "", None),
+                                 ("PUT", "/reaction", {"emoji": "👍"}), ("DELETE", "/reaction", None)):
+        response = ann.request(f"/chats/{chat['id']}/messages/{message['id']}{suffix}", method=method,
+                               body=json.dumps(body).encode() if body else b"", status=400)
+        assert error(response) == ("message_not_found", None)
+
+
+def test_delete_message(ann, bob, chat):
+    kept, deleted = send(ann, chat["id"], "kept"), send(ann, chat["id"], "oops")
+    assert ann.delete(f"/chats/{chat['id']}/messages/{deleted['id']}").json == {}
+    assert ann.get(f"/chats/{chat['id']}/messages").json["messages"] == [kept]
+    assert bob.get(f"/chats/{chat['id']}").json["last_message"] == kept
+    assert bob.get(f"/chats/{chat['id']}").json["unread_count"] == 1
+    last = updates(bob)[-1]
+    assert last == {"update_id": last["update_id"], "type": "message_deleted", "chat_id": chat["id"],
+                    "message_id": deleted["id"]}
+
+
+def test_deleted_message_id_is_never_used_again(ann, chat):
+    deleted = send(ann, chat["id"], "the newest")
+    ann.delete(f"/chats/{chat['id']}/messages/{deleted['id']}")
+    assert send(ann, chat["id"], "next")["id"] > deleted["id"]
+
+
+def test_delete_message_twice_is_not_found(ann, chat):
+    message = send(ann, chat["id"], "once")
+    ann.delete(f"/chats/{chat['id']}/messages/{message['id']}")
+    response = ann.delete(f"/chats/{chat['id']}/messages/{message['id']}", status=400)
+    assert error(response) == ("message_not_found", None)
+
+
+def test_delete_someone_elses_message_is_forbidden(ann, bob, chat):
+    message = send(ann, chat["id"], "mine")
+    response = bob.delete(f"/chats/{chat['id']}/messages/{message['id']}", status=403)
+    assert error(response) == ("forbidden", None)
+
+
+def test_group_owner_deletes_any_message(ann, bob, group):
+    message = send(bob, group["id"], "spam")
+    assert ann.delete(f"/chats/{group['id']}/messages/{message['id']}").json == {}
+    assert ann.get(f"/chats/{group['id']}/messages").json["messages"] == []
+
+
+def test_group_member_deleting_anothers_message_is_forbidden(ann, bob, group):
+    message = send(ann, group["id"], "the owner's")
+    response = bob.delete(f"/chats/{group['id']}/messages/{message['id']}", status=403)
+    assert error(response) == ("forbidden", None)
+
+
+def test_react_to_a_message(ann, bob, chat):
+    message = send(ann, chat["id"], "hello")
+    reacted = bob.put_json(f"/chats/{chat['id']}/messages/{message['id']}/reaction", {"emoji": "👍"}).json
+    assert reacted == dict(message, reactions={"👍": [bob.user["id"]]})
+    assert ann.get(f"/chats/{chat['id']}").json["last_message"] == reacted
+    last = updates(ann)[-1]
+    assert last == {"update_id": last["update_id"], "type": "reaction", "chat_id": chat["id"],
+                    "message_id": message["id"], "user_id": bob.user["id"], "emoji": "👍"}
+
+
+def test_reactions_list_users_in_order(ann, bob, carol, group):
+    message = send(ann, group["id"], "vote")
+    for client, emoji in ((carol, "👍"), (ann, "👍"), (bob, "🎉")):
+        client.put_json(f"/chats/{group['id']}/messages/{message['id']}/reaction", {"emoji": emoji})
+    reactions = ann.get(f"/chats/{group['id']}/messages").json["messages"][0]["reactions"]
+    assert reactions == {"🎉": [bob.user["id"]], "👍": [ann.user["id"], carol.user["id"]]}
+
+
+def test_new_reaction_replaces_yours(ann, chat):
+    message = send(ann, chat["id"], "hello")
+    path = f"/chats/{chat['id']}/messages/{message['id']}/reaction"
+    ann.put_json(path, {"emoji": "👍"})
+    assert ann.put_json(path, {"emoji": "❤️"}).json["reactions"] == {"❤️": [ann.user["id"]]}
+
+
+def test_same_reaction_twice_changes_nothing(ann, chat):
+    message = send(ann, chat["id"], "hello")
+    path = f"/chats/{chat['id']}/messages/{message['id']}/reaction"
+    first = ann.put_json(path, {"emoji": "👍"}).json
+    before = updates(ann)
+    assert (ann.put_json(path, {"emoji": "👍"}).json, updates(ann)) == (first, before)
+
+
+def test_remove_reaction(ann, bob, chat):
+    message = send(ann, chat["id"], "hello")
+    path = f"/chats/{chat['id']}/messages/{message['id']}/reaction"
+    ann.put_json(path, {"emoji": "👍"})
+    assert ann.delete(path).json == message
+    assert updates(bob)[-1]["emoji"] is None
+    before = updates(bob)
+    assert (ann.delete(path).json, updates(bob)) == (message, before)  # none left: no change
+
+
+@pytest.mark.parametrize("body, mnemonic", [({}, "missing_field"), ({"emoji": ""}, "invalid_field"),
+                                            ({"emoji": "x" * 17}, "invalid_field"),
+                                            ({"emoji": "a b"}, "invalid_field"),
+                                            ({"emoji": "a\x01"}, "invalid_field"),
+                                            ({"emoji": 1}, "invalid_field")])
+def test_reaction_bad_emoji(ann, chat, body, mnemonic):
+    message = send(ann, chat["id"], "hello")
+    response = ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}/reaction", body, status=400)
+    assert error(response) == (mnemonic, "emoji")
+
+
+def test_reaction_of_16_characters(ann, chat):
+    message = send(ann, chat["id"], "hello")
+    family = "👨‍👩‍👧‍👦" + "x" * 9  # one emoji of seven code points, and nine letters
+    reacted = ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}/reaction", {"emoji": family})
+    assert reacted.json["reactions"] == {family: [ann.user["id"]]}
+
+
+def test_read_in_a_group_reaches_only_the_reader(ann, bob, carol, group):
+    send(ann, group["id"], "news")
+    before = updates(ann), updates(carol)
+    bob.post_json(f"/chats/{group['id']}/read", {})
+    assert (updates(ann), updates(carol)) == before
+    assert updates(bob)[-1]["type"] == "read"
+
+
+@pytest.fixture
+def unread_world(app, ann, bob, carol, login):
+    """A group and a dialog with a random history of sends, edits, deletions, reads, joins
+    and leaves; every client of it, by user id."""
+    rng = random.Random(12)
+    dave = login("dave@example.com")
+    clients = {client.user["id"]: client for client in (ann, bob, carol, dave)}
+    chats = [make_group(ann, "Mix", bob, carol)["id"],
+             ann.post_json("/chats", {"user_id": bob.user["id"]}).json["id"]]
+    for _ in range(300):
+        chat_id = rng.choice(chats)
+        client = rng.choice(list(clients.values()))
+        members = client.get(f"/chats/{chat_id}", status=(200, 400)).json.get("members", [])
+        if client.user["id"] not in members:
+            continue
+        mine = [m["id"] for m in client.get(f"/chats/{chat_id}/messages?limit=100").json["messages"]
+                if m["author_id"] == client.user["id"]]
+        action = rng.choice(["send", "send", "send", "edit", "delete", "read", "read", "join", "leave"])
+        if action == "send":
+            send(client, chat_id, "m")
+        elif action == "edit" and mine:
+            client.put_json(f"/chats/{chat_id}/messages/{rng.choice(mine)}", {"text": str(rng.random())})
+        elif action == "delete" and mine:
+            client.delete(f"/chats/{chat_id}/messages/{rng.choice(mine)}")
+        elif action == "read":
+            ids = [m["id"] for m in client.get(f"/chats/{chat_id}/messages?limit=100").json["messages"]]
+            if ids:
+                client.post_json(f"/chats/{chat_id}/read", {"message_id": rng.choice(ids)})
+        elif action == "join" and chat_id == chats[0]:
+            client.post_json(f"/chats/{chat_id}/members", {"user_id": rng.choice(list(clients))})
+        elif action == "leave" and chat_id == chats[0] and len(members) > 1:
+            client.delete(f"/chats/{chat_id}/members/{client.user['id']}")
+    return clients, chats
+
+
+def whole_history(client, chat_id):
+    messages, after = [], 0
+    while True:
+        body = client.get(f"/chats/{chat_id}/messages", params={"after": after, "limit": 100}).json
+        messages += body["messages"]
+        if not body["has_more"]:
+            return messages
+        after = messages[-1]["id"]
+
+
+def test_unread_counts_stay_exact(app, unread_world):
+    clients, chats = unread_world
+    for user_id, client in clients.items():
+        for chat in client.get("/chats").json["chats"]:
+            (read_mark,), = query(app, "SELECT last_read_id FROM chat_members WHERE chat_id = ?"
+                                       " AND user_id = ?", chat["id"], user_id)
+            history = whole_history(client, chat["id"])
+            expected = sum(1 for m in history if m["id"] > read_mark and m["author_id"] != user_id)
+            assert chat["unread_count"] == expected, (user_id, chat["id"])
+
+
+# Message search (contract 5, GET /messages)
+
+
+def search_texts(client, query, **params):
+    body = client.get("/messages", params=dict(params, query=query)).json
+    return [m["text"] for m in body["messages"]], body["has_more"]
+
+
+def test_search_messages_by_word_beginnings(ann, bob, chat):
+    for text in ("Привет, мир!", "мир и привет", "приветствую", "no match"):
+        send(ann, chat["id"], text)
+    assert search_texts(bob, "пр мир") == (["мир и привет", "Привет, мир!"], False)
+
+
+def test_search_messages_folds_case_fully(ann, chat):
+    send(ann, chat["id"], "Die Straße ist LANG")
+    assert search_texts(ann, "STRASSE lang") == (["Die Straße ist LANG"], False)
+
+
+def test_search_messages_only_in_your_chats(ann, bob, login, chat):
+    send(ann, chat["id"], "secret plan")
+    outsider = login()
+    assert search_texts(outsider, "secret") == ([], False)
+
+
+def test_search_messages_in_one_chat(ann, bob, chat, group):
+    send(ann, chat["id"], "plan one")
+    send(ann, group["id"], "plan two")
+    assert search_texts(ann, "plan", chat_id=group["id"]) == (["plan two"], False)
+
+
+def test_search_messages_pages_with_before(ann, chat):
+    ids = [send(ann, chat["id"], f"item {n}")["id"] for n in range(5)]
+    assert search_texts(ann, "item", limit=2) == (["item 4", "item 3"], True)
+    assert search_texts(ann, "item", limit=2, before=ids[3]) == (["item 2", "item 1"], True)
+    assert search_texts(ann, "item", limit=2, before=ids[1]) == (["item 0"], False)
+
+
+def test_search_messages_skips_deleted_and_finds_edited(ann, chat):
+    gone, changed = send(ann, chat["id"], "apple pie"), send(ann, chat["id"], "banana")
+    ann.delete(f"/chats/{chat['id']}/messages/{gone['id']}")
+    ann.put_json(f"/chats/{chat['id']}/messages/{changed['id']}", {"text": "apple tart"})
+    assert search_texts(ann, "apple") == (["apple tart"], False)
+
+
+@pytest.mark.parametrize("params, mnemonic, field", [
+    ({}, "missing_field", "query"), ({"query": ""}, "invalid_field", "query"),
+    ({"query": "q" * 65}, "invalid_field", "query"), ({"query": "a\x01"}, "invalid_field", "query"),
+    ({"query": "?!"}, "invalid_field", "query"), ({"query": "a", "limit": 0}, "invalid_field", "limit"),
+    ({"query": "a", "before": 0}, "invalid_field", "before"),
+    ({"query": "a", "chat_id": "x"}, "invalid_field", "chat_id"),
+    ({"query": "a", "chat_id": 999}, "chat_not_found", None),
+])
+def test_search_messages_bad_query(ann, params, mnemonic, field):
+    assert error(ann.get("/messages", params=params, status=400)) == (mnemonic, field)
+
+
+SEARCH_TEXTS = ["Привет, мир!", "ПРИВЕТСТВУЮ всех", "мир, труд, май", "Die Straße", "strasse 5",
+                "naïve café", "NAÏVE", "x_y z", "100% sure", "e-mail me", "ёлка и елка", "Ёжик",
+                "日本語のテキスト", "emoji 👍 here", "tab\there", "a", "ab abc abcd", "नमस्ते दुनिया"]
+
+
+@pytest.fixture(scope="module")
+def many_messages(tmp_path_factory):
+    """An app whose user 1 is in two of three chats, each holding all of SEARCH_TEXTS."""
+    app = messenger.make_app(str(tmp_path_factory.mktemp("messages") / "m.db"))
+    with app.db.transaction() as conn:
+        for n in range(3):
+            messenger._insert_user(conn, f"u{n}@example.com", f"u{n}", "x")
+        for low, high in ((1, 2), (1, 3), (2, 3)):
+            chat_id = messenger._insert_demo_chat(conn, None, [low, high], "t")
+            for text in SEARCH_TEXTS:
+                messenger._insert_message(conn, chat_id, low, text, "t")
+    yield app
+    app.db.close()
+
+
+@pytest.mark.parametrize("query", ["пр", "ПРИВЕТ", "мир", "пр мир", "strasse", "STRAßE", "naïve",
+                                   "naive", "x", "y", "e mail", "100", "ёл", "ел", "ёж", "日本", "👍",
+                                   "emoji", "here", "a", "abc", "नमस्ते", "दुन", "zzz", "мир май"])
+@pytest.mark.parametrize("chat_id, before, limit", [(None, None, 50), (2, None, 50), (None, 40, 3)])
+@pytest.mark.parametrize("use_index", [True, False], ids=["index", "scan"])
+def test_find_messages_matches_a_reference(many_messages, query, chat_id, before, limit, use_index):
+    # The contract, in Python: each query word starts a word of the text,
+    # words being runs of letters, digits and marks, after NFC and case folding.
+    def words(text):
+        folded = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
+        return "".join(c if unicodedata.category(c)[0] in "LNM" or unicodedata.category(c) == "Co"
+                       else " " for c in folded).split()
+    with many_messages.db.connection() as conn:
+        rows = conn.execute("SELECT m.id, m.text, m.chat_id FROM messages AS m JOIN chat_members AS cm"
+                            " ON cm.chat_id = m.chat_id AND cm.user_id = 1 ORDER BY m.id DESC").fetchall()
+        reference = [m_id for m_id, text, chat in rows
+                     if (chat_id is None or chat == chat_id) and (before is None or m_id < before)
+                     and words(query) and all(any(w.startswith(q) for w in words(text)) for q in words(query))]
+        found = [json.loads(row[0])["id"] for row in messenger.find_messages(
+            conn, 1, messenger._words(query), chat_id, before or messenger.MAX_ID, limit, use_index)]
+    assert found == reference[:limit]
+
+
 # ---------------------------------------------------------------------------
 # The real server: waitress on a free port, many threads at once
 # ---------------------------------------------------------------------------
@@ -1228,6 +1770,32 @@ def test_server_both_members_open_one_dialog(server):
                                         pairs[i][1])[:2])
     assert {status for status, _ in results} == {200}
     assert len({chat["id"] for _, chat in results}) == 1
+
+
+def group_of_three(server):
+    """Ann's group with Bob on a real server, and Dave outside it: (ids, cookies, group id)."""
+    (ann_id, ann), (bob_id, bob), (dave_id, dave) = (
+        login_at(server.url, f"{name}@example.com") for name in ("ann", "bob", "dave"))
+    group = call(server.url + "/chats", "POST", {"name": "Race", "member_ids": [bob_id]}, ann)[1]
+    return (ann_id, bob_id, dave_id), (ann, bob, dave), group["id"]
+
+
+def test_server_two_members_add_the_same_user_at_once(server):
+    (_, _, dave_id), (ann, bob, _), group_id = group_of_three(server)
+    results = at_once(2, lambda i: call(f"{server.url}/chats/{group_id}/members", "POST",
+                                        {"user_id": dave_id}, (ann, bob)[i])[0])
+    assert results == [200, 200]
+    assert query(server.app, "SELECT count(*) FROM chat_members WHERE chat_id = ? AND user_id = ?",
+                 group_id, dave_id) == [(1,)]
+
+
+def test_server_owner_leaves_while_a_member_adds(server):
+    (ann_id, bob_id, dave_id), (ann, bob, _), group_id = group_of_three(server)
+    actions = [lambda: call(f"{server.url}/chats/{group_id}/members/{ann_id}", "DELETE", None, ann),
+               lambda: call(f"{server.url}/chats/{group_id}/members", "POST", {"user_id": dave_id}, bob)]
+    assert [result[0] for result in at_once(2, lambda i: actions[i]())] == [200, 200]
+    group = call(f"{server.url}/chats/{group_id}", cookie=bob)[1]
+    assert group["members"] == [bob_id, dave_id] and group["owner_id"] == bob_id
 
 
 def test_database_settings(app):
@@ -1420,10 +1988,6 @@ def test_server_path_not_utf8_is_invalid_field(server):
 # ---------------------------------------------------------------------------
 # 6. Updates (long polling)
 # ---------------------------------------------------------------------------
-
-
-def updates(client, **params):
-    return client.get("/updates", params=params).json["updates"]
 
 
 def test_updates_none_returns_at_once(ann):
@@ -2280,17 +2844,19 @@ def multipart(filename, data):
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     """The messenger command with its default flags (the access log on) on a file database,
-    with two users who share a dialog with one message: (process, context for the paths)."""
+    with two users who share a dialog of two messages and a group: (process, context for the paths)."""
     db = str(tmp_path_factory.mktemp("default") / "messenger.db")
     with Process("--db", db) as process:
         ivan_id, ivan = login_at(process.url, "иван@пример.рф", username="Иван", name="Иван Петров")
         petr_id = call(process.url + "/users", "POST", {"email": "пётр@пример.рф", "username": "пётр",
                                                         "password": PASSWORD})[1]["id"]
         chat_id = call(process.url + "/chats", "POST", {"user_id": petr_id}, ivan)[1]["id"]
-        message_id = call(f"{process.url}/chats/{chat_id}/messages", "POST",
-                          {"text": "Привет, мир! 👋"}, ivan)[1]["id"]
+        message_id, doomed_id = (call(f"{process.url}/chats/{chat_id}/messages", "POST", {"text": text},
+                                      ivan)[1]["id"] for text in ("Привет, мир! 👋", "Удали меня"))
+        group_id = call(process.url + "/chats", "POST", {"name": "Друзья", "member_ids": [petr_id]},
+                        ivan)[1]["id"]
         yield process, {"me": ivan_id, "other": petr_id, "chat": chat_id, "message": message_id,
-                        "cookie": ivan}
+                        "doomed": doomed_id, "group": group_id, "cookie": ivan}
         assert process.stop() == 0
 
 
@@ -2339,6 +2905,24 @@ NON_LATIN_REQUESTS = [
     ("POST", "/chats/{chat}/messages", b'{"text": "\xd0\xbf\xff"}', 400, "invalid_json"),
     ("GET", "/chats/{chat}/messages?before=ёлка", None, 400, "invalid_field"),
     ("GET", "/chats/{chat}/messages", None, 200, None),
+    ("POST", "/chats", {"name": "Поездка в Казань 🚆", "member_ids": ["{other}"]}, 200, None),
+    ("POST", "/chats", {"name": "\u2028"}, 400, "invalid_field"),
+    ("PUT", "/chats/{group}", {"name": "Поездка в Сочи"}, 200, None),
+    ("PUT", "/chats/{chat}", {"name": "Наш чат"}, 403, "forbidden"),
+    ("POST", "/chats/{group}/members", {"user_id": "{other}"}, 200, None),
+    ("POST", "/chats/{group}/members", {"user_id": "один"}, 400, "invalid_field"),
+    ("DELETE", "/chats/{group}/members/ёж", None, 400, "invalid_field"),
+    ("DELETE", "/chats/{group}/members/{other}", None, 200, None),
+    ("PUT", "/chats/{chat}/messages/{message}", {"text": "Привет, мир! (исправлено)"}, 200, None),
+    ("PUT", "/chats/{chat}/messages/{message}", {"text": "\u3000"}, 400, "invalid_field"),
+    ("PUT", "/chats/{chat}/messages/{message}/reaction", {"emoji": "👍🏽"}, 200, None),
+    ("PUT", "/chats/{chat}/messages/{message}/reaction", {"emoji": "ёёёёёёёёёёёёёёёёё"}, 400,
+     "invalid_field"),
+    ("DELETE", "/chats/{chat}/messages/{message}/reaction", None, 200, None),
+    ("DELETE", "/chats/{chat}/messages/{doomed}", None, 200, None),
+    ("DELETE", "/chats/{chat}/messages/я", None, 400, "invalid_field"),
+    ("GET", "/messages?query=привет мир", None, 200, None),
+    ("GET", "/messages?query=ёлка&chat_id=ы", None, 400, "invalid_field"),
     ("POST", "/chats/{chat}/read", {"message_id": "{message}"}, 200, None),
     ("GET", "/updates?offset=ё", None, 400, "invalid_field"),
     ("GET", "/updates", None, 200, None),
@@ -2361,8 +2945,7 @@ def test_default_command_answers_non_latin_requests(default_server, method, path
     if isinstance(body, tuple):
         body, headers = body
     elif isinstance(body, dict):
-        body = json.loads(json.dumps(body).replace('"{other}"', str(context["other"]))
-                          .replace('"{message}"', str(context["message"])))
+        body = json.loads(re.sub(r'"\{(\w+)\}"', lambda name: str(context[name[1]]), json.dumps(body)))
     seen = len(process.log)
     answer_status, answer_headers, answer = request_raw(process.url, method, path, body,
                                                         context["cookie"], headers)
