@@ -1628,9 +1628,11 @@ def test_find_messages_matches_a_reference(many_messages, query, chat_id, before
     with many_messages.db.connection() as conn:
         rows = conn.execute("SELECT m.id, m.text, m.chat_id FROM messages AS m JOIN chat_members AS cm"
                             " ON cm.chat_id = m.chat_id AND cm.user_id = 1 ORDER BY m.id DESC").fetchall()
-        reference = [m_id for m_id, text, chat in rows
-                     if (chat_id is None or chat == chat_id) and (before is None or m_id < before)
-                     and words(query) and all(any(w.startswith(q) for w in words(text)) for q in words(query))]
+        reference = [
+            m_id for m_id, text, chat in rows
+            if (chat_id is None or chat == chat_id) and (before is None or m_id < before)
+            and words(query) and all(any(w.startswith(q) for w in words(text)) for q in words(query))
+        ]
         found = [json.loads(row[0])["id"] for row in messenger.find_messages(
             conn, 1, messenger._words(query), chat_id, before or messenger.MAX_ID, limit, use_index)]
     assert found == reference[:limit]
