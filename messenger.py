@@ -286,6 +286,7 @@ class Database:
             check_same_thread=False,  # a pooled connection moves between threads
         )
         conn.row_factory = sqlite3.Row
+        conn.create_function("fold", 1, _fold, deterministic=True)
         conn.create_function("starts_words", 2, _starts_words, deterministic=True)  # search without FTS5
         conn.execute("PRAGMA foreign_keys = ON")  # outside any transaction, or it stays off
         conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: survives a crash of the process
@@ -307,7 +308,6 @@ class Database:
                 script = schema if version == 0 else "".join(
                     upgrades[step] for step in range(version + 1, SCHEMA_VERSION + 1))
                 script += with_fts5 if _has_fts5_trigram(conn) else without_fts5
-                conn.create_function("fold", 1, _fold, deterministic=True)  # for the upgrade steps
                 for statement in _statements(script):
                     conn.execute(statement)
                 if conn.execute("PRAGMA foreign_key_check").fetchone():
@@ -1421,19 +1421,17 @@ def _message_text(body):
 
 
 def _change_text(conn, message_id, text, edited_at):
-    """Store a message's new text, and the words a search finds it by."""
+    """Store a message's new text, and the words a search finds it by if it is indexed yet."""
     conn.execute("UPDATE messages SET text = ?, edited_at = ? WHERE id = ?", (text, edited_at, message_id))
     conn.execute("UPDATE messages_search SET text = ? WHERE rowid = ?", (_fold(text), message_id))
 
 
 def _insert_message(conn, chat_id, author_id, text, created_at):
-    """Store a message and the words a search finds it by; its id."""
-    message_id = conn.execute(
+    """Store a message (a search indexes it later); its id."""
+    return conn.execute(
         "INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
         (chat_id, author_id, text, created_at),
     ).lastrowid
-    conn.execute("INSERT INTO messages_search (rowid, text) VALUES (?, ?)", (message_id, _fold(text)))
-    return message_id
 
 
 def _to_members(conn, chat_id, event):
@@ -1667,9 +1665,23 @@ def search_messages(db, me):
     with db.connection() as conn:
         if chat_id is not None:
             _chat_row(conn, me, chat_id)
+    index_messages(db)
+    with db.connection() as conn:
         rows = find_messages(conn, me, words, chat_id, before, limit + 1, db.search_index)
     messages = ",".join(row[0] for row in rows[:limit])
     return _json_text(f'{{"messages":[{messages}],"has_more":{"true" if len(rows) > limit else "false"}}}')
+
+
+def index_messages(db):
+    """Index the words of every message sent since the last search, in one batch."""
+    new = "SELECT 1 FROM messages WHERE id > (SELECT indexed_up_to FROM search_progress)"
+    with db.connection() as conn:
+        if not _exists(conn, new, ()):
+            return  # the usual case: a search with nothing to write
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO messages_search (rowid, text) SELECT id, fold(text) FROM messages"
+                     " WHERE id > (SELECT indexed_up_to FROM search_progress)")
+        conn.execute("UPDATE search_progress SET indexed_up_to = (SELECT max(id) FROM messages)")
 
 
 def find_messages(conn, me, words, chat_id, before, limit, use_index=True):
@@ -1928,6 +1940,7 @@ def reset_database(app, db):
         conn.execute("DELETE FROM users")  # with no rows left, ids start at 1 again
         conn.execute("DELETE FROM chats")
         conn.execute("DELETE FROM messages_search")
+        conn.execute("UPDATE search_progress SET indexed_up_to = 0")
         conn.execute("DELETE FROM login_failures")
         conn.execute("DELETE FROM sqlite_sequence")  # message ids too
     if app.options.demo:

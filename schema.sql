@@ -107,6 +107,14 @@ CREATE TABLE IF NOT EXISTS reactions (
     PRIMARY KEY (message_id, user_id)
 ) WITHOUT ROWID;
 
+-- How far messages_search has indexed the messages. A send does not index
+-- its message: FTS5 writes a new segment at every commit, which made a
+-- send half as dear again. A search first indexes, in one batch, every
+-- message after this id; edits and deletions change what is indexed.
+CREATE TABLE IF NOT EXISTS search_progress (indexed_up_to INTEGER NOT NULL);
+INSERT INTO search_progress (indexed_up_to)
+    SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM search_progress);
+
 -- One row per event per recipient, for GET /updates. Ids grow with time
 -- too: old rows are pruned only after new ones are written, so the largest
 -- id is never deleted.
@@ -123,8 +131,8 @@ PRAGMA user_version = 2;
 -- upgrades
 -- Each step brings a database from the version before it to its own.
 
--- upgrade to 2: keys are NFC-normalised (fold() is messenger.py's, lent to
--- this connection), username searches read ё as е, chats may be groups,
+-- upgrade to 2: keys are NFC-normalised (fold() is messenger.py's, given to
+-- every connection), username searches read ё as е, chats may be groups,
 -- and messages may be edited, deleted and reacted to.
 DROP TRIGGER IF EXISTS users_search_insert;
 DROP TRIGGER IF EXISTS users_search_delete;
@@ -181,6 +189,8 @@ CREATE TABLE IF NOT EXISTS reactions (
     emoji      TEXT NOT NULL,
     PRIMARY KEY (message_id, user_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS search_progress (indexed_up_to INTEGER NOT NULL);
+INSERT INTO search_progress (indexed_up_to) VALUES (0);
 PRAGMA user_version = 2;
 
 -- search-index
@@ -208,17 +218,14 @@ END;
 -- Index the users already there (after an upgrade; on a new database, none).
 INSERT INTO users_search (users_search) VALUES ('rebuild');
 
--- The words of each message, for GET /messages: NFC-normalised and
--- casefolded by messenger.py (fold()), which writes this table with every
--- send, edit and deletion. Words are runs of letters, digits and marks.
+-- The words of each message, for GET /messages, NFC-normalised and
+-- casefolded by messenger.py (fold()). Words are runs of letters, digits
+-- and marks. Messages are indexed in batches, up to search_progress.
 CREATE VIRTUAL TABLE IF NOT EXISTS messages_search USING fts5 (
     text, tokenize = "unicode61 remove_diacritics 0 categories 'L* N* Co M*'"
 );
--- Index the messages already there (after an upgrade; on a new database, none).
-INSERT INTO messages_search (rowid, text) SELECT id, fold(text) FROM messages;
 
 -- no-search-index
 -- Where SQLite has no FTS5, the words of messages are kept in a plain table
 -- of the same name, and searches read all of it.
 CREATE TABLE IF NOT EXISTS messages_search (rowid INTEGER PRIMARY KEY, text TEXT NOT NULL);
-INSERT INTO messages_search (rowid, text) SELECT id, fold(text) FROM messages;

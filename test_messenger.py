@@ -1581,6 +1581,16 @@ def test_search_messages_skips_deleted_and_finds_edited(ann, chat):
     assert search_texts(ann, "apple") == (["apple tart"], False)
 
 
+def test_search_messages_follows_edits_and_deletions_of_indexed_messages(ann, chat):
+    gone, changed = send(ann, chat["id"], "apple pie"), send(ann, chat["id"], "banana")
+    assert search_texts(ann, "apple") == (["apple pie"], False)  # both indexed now
+    ann.delete(f"/chats/{chat['id']}/messages/{gone['id']}")
+    ann.put_json(f"/chats/{chat['id']}/messages/{changed['id']}", {"text": "apple tart"})
+    send(ann, chat["id"], "apple juice")
+    assert search_texts(ann, "apple") == (["apple juice", "apple tart"], False)
+    assert search_texts(ann, "banana") == ([], False)
+
+
 @pytest.mark.parametrize("params, mnemonic, field", [
     ({}, "missing_field", "query"), ({"query": ""}, "invalid_field", "query"),
     ({"query": "q" * 65}, "invalid_field", "query"), ({"query": "a\x01"}, "invalid_field", "query"),
@@ -1609,6 +1619,7 @@ def many_messages(tmp_path_factory):
             chat_id = messenger._insert_demo_chat(conn, None, [low, high], "t")
             for text in SEARCH_TEXTS:
                 messenger._insert_message(conn, chat_id, low, text, "t")
+    messenger.index_messages(app.db)
     yield app
     app.db.close()
 
@@ -1930,7 +1941,9 @@ def test_database_of_version_1_is_upgraded(tmp_path):
     client.post_json("/login", {"email": "й@x.ru", "password": PASSWORD})
     found = client.get("/users/" + urllib.parse.quote("етр")).json["users"]
     history = client.get("/chats/1/messages").json["messages"]
+    found_messages = client.get("/messages", params={"query": "HI"}).json["messages"]
     app.db.close()
+    assert found_messages == history
     assert [user["username"] for user in found] == ["Пётр"]
     assert history == [{"id": 1, "chat_id": 1, "author_id": 2, "text": "hi", "created_at": "t",
                         "edited_at": None, "reactions": {}}]
