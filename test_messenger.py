@@ -1603,6 +1603,17 @@ def test_search_messages_bad_query(ann, params, mnemonic, field):
     assert error(ann.get("/messages", params=params, status=400)) == (mnemonic, field)
 
 
+def test_search_without_fts5(make_app, monkeypatch):
+    monkeypatch.setattr(messenger, "_has_fts5_trigram", lambda conn: False)
+    app = make_app(":memory:")
+    ann, bob = logged_in(app, "ann@example.com", username="annabel"), logged_in(app, "bob@example.com")
+    chat = ann.post_json("/chats", {"user_id": bob.user["id"]}).json
+    send(ann, chat["id"], "Привет, мир!")
+    assert not app.db.search_index
+    assert search_texts(bob, "пр МИР") == (["Привет, мир!"], False)
+    assert search(bob, "nabe") == ["annabel"]
+
+
 SEARCH_TEXTS = ["Привет, мир!", "ПРИВЕТСТВУЮ всех", "мир, труд, май", "Die Straße", "strasse 5",
                 "naïve café", "NAÏVE", "x_y z", "100% sure", "e-mail me", "ёлка и елка", "Ёжик",
                 "日本語のテキスト", "emoji 👍 here", "tab\there", "a", "ab abc abcd", "नमस्ते दुनिया"]

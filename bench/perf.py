@@ -213,8 +213,8 @@ def big_world(path, users, dialogs, messages):
         if pair not in seen:
             seen.add(pair)
             pairs.append(pair)
-    conn.executemany("INSERT INTO chats (id, user_low, user_high, created_at, opened_after)"
-                     " VALUES (?, ?, ?, ?, 0)",
+    conn.executemany("INSERT INTO chats (id, type, user_low, user_high, created_at, opened_after)"
+                     " VALUES (?, 'dialog', ?, ?, ?, 0)",
                      ((n, low, high, stamp) for n, (low, high) in enumerate(pairs, 1)))
     conn.executemany("INSERT INTO chat_members (user_id, chat_id) VALUES (?, ?)",
                      ((user, n) for n, pair in enumerate(pairs, 1) for user in pair))
