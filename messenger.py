@@ -101,6 +101,10 @@ UPDATES_HOURS = 24  # how long updates are kept for clients that were away
 # another process on the same file; this process's own writes wake it at once.
 POLL_RECHECK_SECONDS = 0.25
 PRUNE_SECONDS = 60  # how often a process deletes expired updates (readers skip them anyway)
+STREAM_SECONDS = 60  # an event stream holds a thread, so it ends after this; the browser reconnects
+STREAM_HEARTBEAT_SECONDS = 15  # a comment line this often keeps proxies from closing a quiet stream
+STREAM_RETRY_MS = 1000  # how long a browser waits before it reconnects
+STREAM_BUSY_RETRY_MS = 5000  # the same, when the threads were too busy to keep a stream open
 
 # waitress, configured on purpose:
 # a body just above the largest upload reaches the app, which answers the
@@ -191,6 +195,8 @@ class Options:
     session_days: float = _option(SESSION_DAYS)
     max_photo_bytes: int = _option(MAX_PHOTO_BYTES)
     updates_hours: float = _option(UPDATES_HOURS)
+    stream_seconds: float = _option(STREAM_SECONDS)  # tests shorten both
+    stream_heartbeat_seconds: float = _option(STREAM_HEARTBEAT_SECONDS)
 
     def __post_init__(self):
         """Check the values, and keep the delay as (min, max) and the origins as a set."""
@@ -711,17 +717,125 @@ def _username_from_email(email):
 
 
 # ---------------------------------------------------------------------------
+# The API's objects and bodies, as JSON Schema (for GET /openapi.json)
+# ---------------------------------------------------------------------------
+
+# Each route declares its body, query, answer and errors with these, beside
+# its handler; openapi_document() builds the API's description from them.
+ERROR_STATUS = {
+    "invalid_json": 400, "missing_field": 400, "invalid_field": 400, "email_taken": 400,
+    "username_taken": 400, "wrong_credentials": 400, "user_not_found": 400, "chat_not_found": 400,
+    "message_not_found": 400, "invalid_image": 400, "not_authorized": 401, "forbidden": 403,
+    "not_found": 404, "method_not_allowed": 405, "payload_too_large": 413, "too_many_attempts": 429,
+    "internal_error": 500,
+}
+
+
+def _text(min_length=0, max_length=None, **rules):
+    return dict({"type": "string", "minLength": min_length}, **(
+        {"maxLength": max_length} if max_length is not None else {}), **rules)
+
+
+def _object(required=(), **properties):
+    """A JSON object of these properties and no others."""
+    return {"type": "object", "required": list(required), "properties": properties,
+            "additionalProperties": False}
+
+
+def _body(required=(), **properties):
+    """A JSON body of these properties; unknown keys are ignored, as the contract says."""
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+def _ref(name):
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
+TIME = {"type": "string", "format": "date-time"}
+TEXT = _text(1, MAX_MESSAGE_CHARS, description="Not only white space; no control characters but tab,"
+                                               " line feed and carriage return.")
+USER_FIELD_SCHEMAS = {
+    "email": _text(3, 254, description="One @ with text on both sides, no white space."),
+    "username": _text(1, MAX_USERNAME_CHARS, description="Letters of any script, digits, _ and .;"
+                                                          " not only digits."),
+    "name": _text(0, 128),
+    "status": _text(0, 256),
+    "phone": _text(0, 32, pattern="^[0-9 +()-]*$"),
+}
+SCHEMAS = {
+    "User": _object(["id", *USER_FIELDS], id=ID, **USER_FIELD_SCHEMAS),
+    "Message": _object(
+        ["id", "chat_id", "author_id", "text", "created_at", "edited_at", "reactions"],
+        id=ID, chat_id=ID, author_id=ID, text=TEXT, created_at=TIME,
+        edited_at={"type": ["string", "null"], "format": "date-time"},
+        reactions={"type": "object", "description": "Each emoji in use: the ids of its users, ascending.",
+                   "additionalProperties": {"type": "array", "items": ID, "minItems": 1}}),
+    "Chat": _object(
+        ["id", "type", "name", "members", "owner_id", "last_message", "unread_count", "created_at"],
+        id=ID, type={"enum": ["dialog", "group"]}, name=_text(0, MAX_CHAT_NAME_CHARS),
+        members={"type": "array", "items": ID, "minItems": 1, "maxItems": MAX_GROUP_MEMBERS},
+        owner_id={"oneOf": [ID, {"type": "null"}]},
+        last_message={"oneOf": [_ref("Message"), {"type": "null"}]},
+        unread_count={"type": "integer", "minimum": 0}, created_at=TIME),
+    "Update": {"oneOf": [
+        _object(["update_id", "type", *rest], update_id=ID, type={"const": kind},
+                **fields)
+        for kind, rest, fields in [
+            ("message", ["message"], {"message": _ref("Message")}),
+            ("message_edited", ["message"], {"message": _ref("Message")}),
+            ("message_deleted", ["chat_id", "message_id"], {"chat_id": ID, "message_id": ID}),
+            ("reaction", ["chat_id", "message_id", "user_id", "emoji"],
+             {"chat_id": ID, "message_id": ID, "user_id": ID,
+              "emoji": {"oneOf": [_text(1, MAX_EMOJI_CHARS), {"type": "null"}]}}),
+            ("read", ["chat_id", "user_id", "message_id"], {"chat_id": ID, "user_id": ID, "message_id": ID}),
+            ("chat", ["chat"], {"chat": _ref("Chat")}),
+            ("chat_removed", ["chat_id"], {"chat_id": ID}),
+        ]
+    ]},
+    "Error": {"type": "object", "required": ["error", "message"], "additionalProperties": False,
+              "properties": {"error": {"enum": list(ERROR_STATUS)}, "message": {"type": "string"},
+                             "field": {"type": "string"}}},
+}
+EMPTY = _object()
+MESSAGE_PAGE = _object(["messages", "has_more"], messages={"type": "array", "items": _ref("Message")},
+                       has_more={"type": "boolean"})
+PAGE_LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE}
+TEXT_BODY = _body(["text"], text=TEXT)
+NAME = _text(1, MAX_CHAT_NAME_CHARS, description="Not only white space; no control characters.")
+USER_ID_BODY = _body(["user_id"], user_id=ID)
+PROFILE_FIELDS = {field: {"oneOf": [schema, {"type": "null"}]} if field not in ("email", "username")
+                  else schema for field, schema in USER_FIELD_SCHEMAS.items()}
+PASSWORD = _text(8, 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class Contract:
+    """What a route takes and answers: its session rule, and its part of GET /openapi.json."""
+
+    public: bool = False  # True: no session needed
+    body: dict = None  # the JSON body's schema
+    upload: dict = None  # a multipart/form-data body's schema
+    query: dict = None  # {name: schema} of the query parameters
+    path_params: dict = None  # {name: schema} of path parameters that are not ids
+    headers: dict = None  # {name: schema} of request headers it reads
+    returns: dict = dataclasses.field(default_factory=lambda: EMPTY)  # the JSON answer's schema
+    media: dict = None  # {media type: schema} of answers that are not JSON
+    errors: tuple = ()  # its mnemonics, besides those of bad ids and bodies and of sessions
+
+
+# ---------------------------------------------------------------------------
 # Users
 # ---------------------------------------------------------------------------
 
-ROUTES = []  # (method, path, handler, public) in the order of the contract; make_app installs them
+ROUTES = []  # (method, path, handler, Contract) in the order of the contract; make_app installs them
 
 
-def route(method, path, public=False):
-    """Declare a handler for make_app (its docstring describes it on GET /); public: no session."""
+def route(method, path, **contract):
+    """Declare a handler for make_app, with its Contract; its docstring describes it on GET /."""
 
     def declare(handler):
-        ROUTES.append((method, path, handler, public))
+        ROUTES.append((method, path, handler, Contract(**contract)))
         return handler
 
     return declare
@@ -738,7 +852,8 @@ class _Context:
 
     def apply(self, handler, route):
         wants = inspect.signature(handler).parameters
-        app, public = route.app, route.config.get("public", False)
+        contract = route.config.get("contract") or Contract()
+        app, public = route.app, contract.public
         given = {name: value for name, value in (("app", app), ("db", app.db)) if name in wants}
 
         def with_context(**path_args):
@@ -795,8 +910,12 @@ def _insert_user(conn, email, username, password_hash, name="", status="", phone
     ).lastrowid
 
 
-@route("POST", "/sign_up", public=True)
-@route("POST", "/users", public=True)
+REGISTRATION = _body(["email", "password"], **USER_FIELD_SCHEMAS, password=PASSWORD)
+REGISTRATION_ERRORS = ("missing_field", "invalid_field", "email_taken", "username_taken")
+
+
+@route("POST", "/sign_up", public=True, body=REGISTRATION, returns=_ref("User"), errors=REGISTRATION_ERRORS)
+@route("POST", "/users", public=True, body=REGISTRATION, returns=_ref("User"), errors=REGISTRATION_ERRORS)
 def register(app, db):
     """Register a user: email and password, optionally username, name, status, phone."""
     body = _json_body()
@@ -812,7 +931,9 @@ def register(app, db):
         return _user_json(_load_user(conn, user_id))
 
 
-@route("POST", "/login", public=True)
+@route("POST", "/login", public=True, body=_body(["email", "password"], email=_text(), password=_text()),
+       returns=_ref("User"),
+       errors=("missing_field", "invalid_field", "wrong_credentials", "too_many_attempts"))
 def login(app, db):
     """Log in with email and password: the user, and the session cookie."""
     body = _json_body()
@@ -885,14 +1006,17 @@ def logout(app, db, session):
     return {}
 
 
-@route("GET", "/users")
+@route("GET", "/users", returns=_ref("User"))
 def current_user(db, me):
     """The logged-in user."""
     with db.connection() as conn:
         return _user_json(_load_user(conn, me))
 
 
-@route("GET", "/users/<user>")
+@route("GET", "/users/<user>", path_params={"user": _text(1, description="An id (digits), or a search")},
+       query={"limit": PAGE_LIMIT, "offset": {"type": "integer", "minimum": 0, "default": 0}},
+       returns={"oneOf": [_ref("User"), _object(["users"], users={"type": "array", "items": _ref("User")})]},
+       errors=("invalid_field", "user_not_found"))
 def get_user(db, me, user):
     """A user by id (digits), or {"users": [...]} whose username contains the text."""
     if not user.isdecimal():
@@ -960,7 +1084,9 @@ def _find_inner_matches(conn, key, count, use_index):
     ).fetchall()
 
 
-@route("PUT", "/users/<user_id>")
+@route("PUT", "/users/<user_id>", body=_body(list(USER_FIELDS), id=ID, **PROFILE_FIELDS, password=PASSWORD),
+       returns=_ref("User"), errors=("missing_field", "invalid_field", "email_taken", "username_taken",
+                                     "user_not_found", "forbidden"))
 def edit_user(app, db, session, user_id):
     """Replace the caller's profile: all of email, username, name, status, phone; password optional."""
     user_id = _path_id(user_id)
@@ -1042,7 +1168,8 @@ def _uploaded_file():
         return None
 
 
-@route("POST", "/photos")
+@route("POST", "/photos", upload=_body(["photo"], photo={"type": "string", "contentMediaType": "image/*"}),
+       returns=_object(["url"], url=_text(1)), errors=("missing_field", "invalid_image", "payload_too_large"))
 def upload_photo(app, db, me):
     """Upload the caller's avatar: multipart/form-data with one PNG, JPEG, GIF or WebP file."""
     limit = app.options.max_photo_bytes
@@ -1101,7 +1228,8 @@ def _etag_matches(etag):
     return etag in tags or "*" in tags
 
 
-@route("GET", "/photos/<user_id>")
+@route("GET", "/photos/<user_id>", headers={"If-None-Match": _text()}, returns=None,
+       media={"image/*": {"type": "string", "contentMediaType": "image/*"}}, errors=("user_not_found",))
 def get_photo(db, me, user_id):
     """A user's avatar image: the upload, or a generated SVG; ETag and 304 supported."""
     user_id = _path_id(user_id)
@@ -1227,7 +1355,11 @@ def _other_members(body, me):
     return others
 
 
-@route("POST", "/chats")
+@route("POST", "/chats", body={"oneOf": [
+    _body(["user_id"], user_id=ID),
+    _body(["name"], name=NAME,
+          member_ids={"type": "array", "items": ID, "maxItems": MAX_GROUP_MEMBERS - 1})]},
+       returns=_ref("Chat"), errors=("missing_field", "invalid_field", "user_not_found"))
 def create_chat(app, db, me):
     """Open the dialog with a user ({"user_id"}), or create a group ({"name", "member_ids"})."""
     body = _json_body()
@@ -1288,7 +1420,7 @@ def _create_group(app, db, me, name, others):
     return chat
 
 
-@route("GET", "/chats")
+@route("GET", "/chats", returns=_object(["chats"], chats={"type": "array", "items": _ref("Chat")}))
 def list_chats(db, me):
     """The caller's chats, most recent activity first."""
     with db.connection() as conn:
@@ -1300,7 +1432,7 @@ def list_chats(db, me):
     return _json_text('{"chats":[' + (chats or "") + "]}")
 
 
-@route("GET", "/chats/<chat_id>")
+@route("GET", "/chats/<chat_id>", returns=_ref("Chat"), errors=("chat_not_found",))
 def get_chat(db, me, chat_id):
     """One of the caller's chats."""
     chat_id = _path_id(chat_id)
@@ -1308,7 +1440,8 @@ def get_chat(db, me, chat_id):
         return _json_text(_chat_text(conn, me, chat_id))
 
 
-@route("PUT", "/chats/<chat_id>")
+@route("PUT", "/chats/<chat_id>", body=_body(["name"], name=NAME), returns=_ref("Chat"),
+       errors=("missing_field", "invalid_field", "chat_not_found", "forbidden"))
 def rename_chat(app, db, me, chat_id):
     """Rename a group; any member may."""
     chat_id = _path_id(chat_id)
@@ -1323,7 +1456,8 @@ def rename_chat(app, db, me, chat_id):
     return renamed
 
 
-@route("POST", "/chats/<chat_id>/members")
+@route("POST", "/chats/<chat_id>/members", body=USER_ID_BODY, returns=_ref("Chat"),
+       errors=("missing_field", "invalid_field", "user_not_found", "chat_not_found", "forbidden"))
 def add_member(app, db, me, chat_id):
     """Add a user to a group; any member may, and adding a member again changes nothing."""
     chat_id = _path_id(chat_id)
@@ -1349,7 +1483,8 @@ def add_member(app, db, me, chat_id):
     return chat
 
 
-@route("DELETE", "/chats/<chat_id>/members/<user_id>")
+@route("DELETE", "/chats/<chat_id>/members/<user_id>", returns={"oneOf": [EMPTY, _ref("Chat")]},
+       errors=("user_not_found", "chat_not_found", "forbidden"))
 def remove_member(app, db, me, chat_id, user_id):
     """Leave a group ({}), or as its owner remove a member (the group); a non-member: no change."""
     chat_id, user_id = _path_id(chat_id), _path_id(user_id, "user_id")
@@ -1439,7 +1574,8 @@ def _to_members(conn, chat_id, event):
     return dict.fromkeys(_member_ids(conn, chat_id), event)
 
 
-@route("POST", "/chats/<chat_id>/messages")
+@route("POST", "/chats/<chat_id>/messages", body=TEXT_BODY, returns=_ref("Message"),
+       errors=("missing_field", "invalid_field", "chat_not_found"))
 def send_message(app, db, me, chat_id):
     """Send a message to one of the caller's chats."""
     chat_id = _path_id(chat_id)
@@ -1462,7 +1598,9 @@ def send_message(app, db, me, chat_id):
     return _json_text(message)
 
 
-@route("GET", "/chats/<chat_id>/messages")
+@route("GET", "/chats/<chat_id>/messages", returns=MESSAGE_PAGE, errors=("chat_not_found",),
+       query={"limit": PAGE_LIMIT, "before": ID,
+              "after": {"type": "integer", "minimum": 0, "maximum": MAX_ID}})
 def list_messages(db, me, chat_id):
     """A page of a chat's messages, oldest first: the newest, or ?before= / ?after= a message id."""
     chat_id = _path_id(chat_id)
@@ -1500,7 +1638,8 @@ def _message_page(conn, chat_id, limit, before, after):
     return messages or "", has_more
 
 
-@route("PUT", "/chats/<chat_id>/messages/<message_id>")
+@route("PUT", "/chats/<chat_id>/messages/<message_id>", body=TEXT_BODY, returns=_ref("Message"),
+       errors=("missing_field", "invalid_field", "chat_not_found", "message_not_found", "forbidden"))
 def edit_message(app, db, me, chat_id, message_id):
     """Change the text of one of your messages (edited_at is set); the same text changes nothing."""
     chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
@@ -1519,7 +1658,8 @@ def edit_message(app, db, me, chat_id, message_id):
     return _json_text(message)
 
 
-@route("DELETE", "/chats/<chat_id>/messages/<message_id>")
+@route("DELETE", "/chats/<chat_id>/messages/<message_id>",
+       errors=("chat_not_found", "message_not_found", "forbidden"))
 def delete_message(app, db, me, chat_id, message_id):
     """Delete a message: your own, or any in a group you own. Its id is never used again."""
     chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
@@ -1553,14 +1693,18 @@ def _emoji(body):
     return emoji
 
 
-@route("PUT", "/chats/<chat_id>/messages/<message_id>/reaction")
+@route("PUT", "/chats/<chat_id>/messages/<message_id>/reaction", returns=_ref("Message"),
+       body=_body(["emoji"], emoji=_text(1, MAX_EMOJI_CHARS,
+                                         description="No white space or control characters.")),
+       errors=("missing_field", "invalid_field", "chat_not_found", "message_not_found"))
 def add_reaction(app, db, me, chat_id, message_id):
     """React to a message with an emoji; one reaction per user, so a new one replaces yours."""
     emoji = _emoji(_json_body())
     return _set_reaction(app, db, me, chat_id, message_id, emoji)
 
 
-@route("DELETE", "/chats/<chat_id>/messages/<message_id>/reaction")
+@route("DELETE", "/chats/<chat_id>/messages/<message_id>/reaction", returns=_ref("Message"),
+       errors=("chat_not_found", "message_not_found"))
 def remove_reaction(app, db, me, chat_id, message_id):
     """Take your reaction off a message (none to take off changes nothing)."""
     return _set_reaction(app, db, me, chat_id, message_id, None)
@@ -1603,7 +1747,9 @@ def _set_reaction(app, db, me, chat_id, message_id, emoji):
     return _json_text(message)
 
 
-@route("POST", "/chats/<chat_id>/read")
+@route("POST", "/chats/<chat_id>/read", body=_body([], message_id=ID),
+       returns=_object(["unread_count"], unread_count={"type": "integer", "minimum": 0}),
+       errors=("invalid_field", "chat_not_found"))
 def mark_read(app, db, me, chat_id):
     """Move the caller's read mark forward, to a message or to the newest; the unread count."""
     chat_id = _path_id(chat_id)
@@ -1652,7 +1798,8 @@ def _starts_words(text, query):
     return all(any(word.startswith(part) for word in words) for part in query.split(" "))
 
 
-@route("GET", "/messages")
+@route("GET", "/messages", returns=MESSAGE_PAGE, errors=("missing_field", "invalid_field", "chat_not_found"),
+       query={"query": _text(1, MAX_SEARCH_CHARS), "chat_id": ID, "limit": PAGE_LIMIT, "before": ID})
 def search_messages(db, me):
     """Messages in the caller's chats whose words start with every word of ?query=, newest first."""
     query = _query_text("query")
@@ -1779,7 +1926,11 @@ class Feed:
             self._changed.notify_all()
 
 
-@route("GET", "/updates")
+@route("GET", "/updates", errors=("invalid_field",),
+       query={"offset": {"type": "integer", "minimum": 0, "default": 0},
+              "timeout": {"type": "integer", "minimum": 0, "maximum": MAX_POLL_SECONDS, "default": 0},
+              "limit": dict(PAGE_LIMIT, default=MAX_PAGE)},
+       returns=_object(["updates"], updates={"type": "array", "items": _ref("Update")}))
 def get_updates(app, db, me):
     """New messages, chats and read marks since ?offset=, waiting up to ?timeout= seconds."""
     offset = _query_int("offset", 0, 0, MAX_ID)
@@ -1796,6 +1947,52 @@ def get_updates(app, db, me):
                 return {"updates": updates}
             # No connection is held while waiting: it went back to the pool.
             feed.wait(generation, min(remaining, POLL_RECHECK_SECONDS))
+
+
+@route("GET", "/updates/stream", query={"offset": {"type": "integer", "minimum": 0, "default": 0}},
+       headers={"Last-Event-ID": {"type": "integer", "minimum": 0}}, errors=("invalid_field",), returns=None,
+       media={"text/event-stream": {"type": "string", "description": "id: the update_id, event: its type,"
+                                                                    " data: the Update as JSON"}})
+def stream_updates(app, db, me):
+    """The same updates as Server-Sent Events, for a browser's EventSource; resumes after Last-Event-ID."""
+    offset = _query_int("offset", 0, 0, MAX_ID)
+    last_event_id = bottle.request.get_header("Last-Event-ID")
+    if last_event_id is not None:  # a reconnecting EventSource: it wins over ?offset=
+        if not (last_event_id.isascii() and last_event_id.isdigit()
+                and len(last_event_id) <= MAX_ID_DIGITS and int(last_event_id) < MAX_ID):
+            raise _invalid("Last-Event-ID", "'Last-Event-ID' must be the id of an update.")
+        offset = int(last_event_id) + 1
+    bottle.response.content_type = "text/event-stream; charset=utf-8"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    return _event_stream(app.feed, db, me, offset, app.options)
+
+
+def _event_stream(feed, db, me, offset, options):
+    """Yield a user's updates from `offset` on as events, until the stream's time is up."""
+    # Runs after the handler has returned, so it takes everything as arguments.
+    with feed.waiter() as may_wait:
+        yield f"retry: {STREAM_RETRY_MS}\n\n"
+        started = written = time.monotonic()
+        while True:
+            generation = feed.generation
+            updates = feed.read(db, me, offset, MAX_PAGE)
+            for update in updates:
+                yield f"id: {update['update_id']}\nevent: {update['type']}\ndata: {_to_json(update)}\n\n"
+            now = time.monotonic()
+            if updates:
+                offset, written = updates[-1]["update_id"] + 1, now
+                continue
+            if not may_wait:  # most threads are waiting already: come back later
+                yield f"retry: {STREAM_BUSY_RETRY_MS}\n\n"
+                return
+            if feed.closed or now - started >= options.stream_seconds:
+                return
+            if now - written >= options.stream_heartbeat_seconds:
+                yield ": still here\n\n"  # a comment: EventSource ignores it
+                written = now
+            # No connection is held while waiting: it went back to the pool.
+            feed.wait(generation, min(POLL_RECHECK_SECONDS, started + options.stream_seconds - now,
+                                      written + options.stream_heartbeat_seconds - now))
 
 
 # ---------------------------------------------------------------------------
@@ -1953,7 +2150,12 @@ def _route_path(rule):
     return rule.replace("<", "{").replace(">", "}")
 
 
-@route("GET", "/", public=True)
+INDEX = _object(["name", "version", "api", "routes"], name=_text(), version=_text(), api=_text(),
+                routes={"type": "array", "items": _object(["method", "path", "description"], method=_text(),
+                                                           path=_text(), description=_text())})
+
+
+@route("GET", "/", public=True, returns=INDEX, media={"text/html": {"type": "string"}})
 def index(app):
     """This page: the name, version and every route (JSON when Accept asks for it)."""
     routes = [
@@ -1961,7 +2163,7 @@ def index(app):
         for r in app.routes
     ]
     if _prefers_json():
-        return {"name": "messenger", "version": __version__, "routes": routes}
+        return {"name": "messenger", "version": __version__, "api": "/openapi.json", "routes": routes}
     rows = "\n".join(
         f"<tr><td>{r['method']}</td><td><code>{html.escape(r['path'])}</code></td>"
         f"<td>{html.escape(r['description'])}</td></tr>"
@@ -1971,9 +2173,79 @@ def index(app):
     return (
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>messenger</title></head>"
         f"<body><h1>messenger {__version__}</h1>"
-        "<p>A messenger backend: a JSON API. Log in with <code>POST /login</code>.</p>"
+        "<p>A messenger backend: a JSON API. Log in with <code>POST /login</code>. The API's"
+        " description: <a href=\"/openapi.json\">/openapi.json</a> (OpenAPI 3.1).</p>"
         f"<table>{rows}</table></body></html>"
     )
+
+
+@route("GET", "/openapi.json", public=True, returns={"type": "object", "required": ["openapi", "paths"]})
+def openapi(app):
+    """This API's description, OpenAPI 3.1, for API tools and generated clients."""
+    parts = bottle.request.urlparts
+    return openapi_document(app, f"{parts.scheme}://{parts.netloc}")
+
+
+def openapi_document(app, server_url):
+    """The OpenAPI 3.1 description of an app's routes, built from their contracts."""
+    paths, names = {}, collections.Counter(r.callback.__name__ for r in app.routes)
+    for r in app.routes:
+        contract = r.config.get("contract") or Contract()
+        name = r.callback.__name__
+        operation_id = name if names[name] == 1 else name + re.sub(r"\W+", "_", r.rule)
+        paths.setdefault(_route_path(r.rule), {})[r.method.lower()] = _operation(r, contract, operation_id)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "messenger", "version": __version__,
+                 "description": "A messenger backend: users, sessions, avatars, dialogs and groups,"
+                                " messages, read marks, search and updates."},
+        "servers": [{"url": server_url}],
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "session": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE,
+                        "description": "The cookie POST /login sets."}}},
+        "security": [{"session": []}],
+    }
+
+
+def _operation(r, contract, operation_id):
+    """One route's operation object."""
+    summary = (r.callback.__doc__ or "").strip()
+    path_names = re.findall(r"<(\w+)>", r.rule)
+    parameters = (
+        [{"name": name, "in": "path", "required": True, "schema": (contract.path_params or {}).get(name, ID)}
+         for name in path_names]
+        + [{"name": name, "in": "query", "required": name == "query", "schema": schema}
+           for name, schema in (contract.query or {}).items()]
+        + [{"name": name, "in": "header", "required": False, "schema": schema}
+           for name, schema in (contract.headers or {}).items()]
+    )
+    content = {"application/json": {"schema": contract.returns}} if contract.returns else {}
+    content.update({media: {"schema": schema} for media, schema in (contract.media or {}).items()})
+    responses = {"200": {"description": "Success.", "content": content}}
+    if contract.media and "image/*" in contract.media:
+        responses["304"] = {"description": "Not modified: the If-None-Match ETag is current."}
+    errors = set(contract.errors) | {"internal_error"}
+    if path_names or contract.query:
+        errors.add("invalid_field")
+    if contract.body:
+        errors |= {"invalid_json", "payload_too_large"}
+    if not contract.public:
+        errors.add("not_authorized")
+    for status in sorted({ERROR_STATUS[mnemonic] for mnemonic in errors}):
+        mnemonics = sorted(m for m in errors if ERROR_STATUS[m] == status)
+        responses[str(status)] = {"description": ", ".join(mnemonics), "content": {"application/json": {
+            "schema": {"allOf": [_ref("Error"), {"properties": {"error": {"enum": mnemonics}}}]}}}}
+    operation = {"operationId": operation_id, "summary": summary, "parameters": parameters,
+                 "responses": responses}
+    if contract.body or contract.upload:
+        media, schema = ("application/json", contract.body) if contract.body else (
+            "multipart/form-data", contract.upload)
+        operation["requestBody"] = {"required": bool(schema.get("required", True)),
+                                    "content": {media: {"schema": schema}}}
+    if contract.public:
+        operation["security"] = []
+    return operation
 
 
 def make_app(db=DEFAULT_DB, **options):
@@ -1997,10 +2269,10 @@ def make_app(db=DEFAULT_DB, **options):
     app.add_hook("before_request", functools.partial(_answer_preflight, options))
     app.add_hook("before_request", functools.partial(_delay_response, options))
     app.add_hook("after_request", functools.partial(_add_cors_headers, app))
-    for method, path, handler, public in ROUTES:
-        app.route(path, method, handler, public=public)
+    for method, path, handler, contract in ROUTES:
+        app.route(path, method, handler, contract=contract)
     if options.allow_reset:
-        app.route("/__reset", "POST", reset_database, public=True)
+        app.route("/__reset", "POST", reset_database, contract=Contract(public=True))
     app.demo_seeded = options.demo and seed_demo(app)
     return app
 

@@ -33,6 +33,95 @@ import webtest
 
 import messenger
 
+# Every answer a test receives through CheckedApp is checked against the
+# app's own OpenAPI description, with this checker of the JSON Schema subset
+# the description uses.
+JSON_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def schema_errors(schema, value, doc, where="$"):
+    """Where `value` breaks `schema`: a list of complaints, empty when it conforms."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[1]
+        return schema_errors(doc["components"]["schemas"][name], value, doc, where)
+    errors = []
+    for part in schema.get("allOf", []):
+        errors += schema_errors(part, value, doc, where)
+    if "oneOf" in schema:
+        matching = [part for part in schema["oneOf"] if not schema_errors(part, value, doc, where)]
+        if len(matching) != 1:
+            errors.append(f"{where}: matches {len(matching)} of oneOf")
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{where}: {value!r} is not {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(type(value) is int if kind == "integer" else isinstance(value, JSON_TYPES[kind])
+                   for kind in types):
+            return errors + [f"{where}: {value!r} is not of type {schema['type']}"]
+    if isinstance(value, str):
+        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+            errors.append(f"{where}: {len(value)} characters")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
+    if type(value) is int and not schema.get("minimum", value) <= value <= schema.get("maximum", value):
+        errors.append(f"{where}: {value} out of range")
+    if isinstance(value, list):
+        if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
+            errors.append(f"{where}: {len(value)} items")
+        for n, item in enumerate(value):
+            errors += schema_errors(schema.get("items", {}), item, doc, f"{where}[{n}]")
+    if isinstance(value, dict):
+        errors += [f"{where}: no {key!r}" for key in schema.get("required", []) if key not in value]
+        properties, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        for key, item in value.items():
+            if key in properties:
+                errors += schema_errors(properties[key], item, doc, f"{where}.{key}")
+            elif extra is False:
+                errors.append(f"{where}: {key!r} is not in the description")
+            elif isinstance(extra, dict):
+                errors += schema_errors(extra, item, doc, f"{where}.{key}")
+    return errors
+
+
+def openapi_of(app):
+    """The app's description, made again when routes were added (a test's /crash)."""
+    if getattr(app, "checked_routes", None) != len(app.routes):
+        app.checked_openapi = messenger.openapi_document(app, "http://localhost")
+        app.checked_routes = len(app.routes)
+    return app.checked_openapi
+
+
+def check_answer(app, environ, response):
+    """Fail unless the answer is one the app's description gives for its route and status."""
+    doc, status = openapi_of(app), response.status_int
+    route = environ.get("bottle.route")
+    if route is None or status in (204, 304):  # not routed (404, 405, a preflight), or no body
+        if response.content_type == "application/json":
+            assert not schema_errors(messenger.SCHEMAS["Error"], response.json, doc), response.body
+        return
+    answer = doc["paths"][messenger._route_path(route.rule)][route.method.lower()]["responses"].get(
+        str(status))
+    assert answer, f"{route.method} {route.rule} answered {status}, which its description lacks"
+    media = {name.split("/")[0]: name for name in answer["content"]}
+    documented = answer["content"].get(response.content_type) or answer["content"].get(
+        media.get(response.content_type.split("/")[0], ""))
+    assert documented, f"{route.method} {route.rule} answered {response.content_type}, not documented"
+    if response.content_type == "application/json":
+        errors = schema_errors(documented["schema"], response.json, doc)
+        assert not errors, f"{route.method} {route.rule} {status}: {errors}"
+
+
+class CheckedApp(webtest.TestApp):
+    """A WebTest client whose every answer is checked against the app's OpenAPI description."""
+
+    def do_request(self, req, status=None, expect_errors=None):
+        response = super().do_request(req, status, expect_errors)
+        check_answer(self.app, req.environ, response)
+        return response
+
+
 ITERATIONS = 1000  # the tests lower the password cost through make_app
 PASSWORD = "correct horse"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
@@ -74,12 +163,12 @@ def app(make_app):
 
 @pytest.fixture
 def api(app):
-    return webtest.TestApp(app)
+    return CheckedApp(app)
 
 
 def logged_in(app, email, password=PASSWORD, **fields):
     """Register a user on app and return a client logged in as them, with .user set."""
-    client = webtest.TestApp(app)
+    client = CheckedApp(app)
     client.user = client.post_json("/users", dict(fields, email=email, password=password)).json
     client.post_json("/login", {"email": email, "password": password})
     return client
@@ -164,7 +253,7 @@ def test_routing_errors_come_before_session_check(api):
 
 
 def test_crash_is_json_500_without_traceback(app, api):
-    app.route("/crash", callback=lambda: 1 / 0, public=True)
+    app.route("/crash", callback=lambda: 1 / 0, contract=messenger.Contract(public=True))
     response = api.get("/crash", status=500, expect_errors=True)
     assert response.json == {"error": "internal_error",
                              "message": "The server failed; the error has been logged."}
@@ -279,7 +368,7 @@ def test_login_sets_session_cookie(api, ann):
 
 
 def test_login_cookie_is_secure_with_secure_cookies(make_app):
-    api = webtest.TestApp(make_app(secure_cookies=True))
+    api = CheckedApp(make_app(secure_cookies=True))
     api.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
     assert "secure" in login_cookie(api, "ann@example.com").lower()
 
@@ -292,7 +381,7 @@ def test_session_stores_only_token_digest(app, api, ann):
 
 
 def test_session_lifetime_is_configurable(make_app):
-    api = webtest.TestApp(make_app(session_days=2))
+    api = CheckedApp(make_app(session_days=2))
     api.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
     assert "Max-Age=172800" in login_cookie(api, "ann@example.com")
 
@@ -332,13 +421,13 @@ def test_malformed_session_cookie_is_401(api, header):
 
 def test_malformed_pair_does_not_hide_session_cookie(api, ann):
     token = login_cookie(api, "ann@example.com").split(";")[0]
-    fresh = webtest.TestApp(api.app)
+    fresh = CheckedApp(api.app)
     assert fresh.get("/users", headers={"Cookie": f'x="bad; {token}; y'}).json["id"] == ann.user["id"]
 
 
 def test_two_session_cookies_either_order(api, ann):
     token = login_cookie(api, "ann@example.com").split(";")[0]
-    fresh = webtest.TestApp(api.app)
+    fresh = CheckedApp(api.app)
     for header in (f"session_id=stale; {token}", f"{token}; session_id=stale"):
         assert fresh.get("/users", headers={"Cookie": header}).json["id"] == ann.user["id"]
 
@@ -595,10 +684,10 @@ def test_login_unknown_email_costs_one_hash_like_wrong_password(api, ann, monkey
 def test_login_rehashes_a_cheaper_password(make_app, tmp_path):
     path = str(tmp_path / "rehash.db")
     cheap = make_app(path)
-    webtest.TestApp(cheap).post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    CheckedApp(cheap).post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
     cheap.db.close()
     dearer = make_app(path, password_iterations=ITERATIONS * 2)
-    webtest.TestApp(dearer).post_json("/login", {"email": "ann@example.com", "password": PASSWORD})
+    CheckedApp(dearer).post_json("/login", {"email": "ann@example.com", "password": PASSWORD})
     stored = query(dearer, "SELECT password_hash FROM users")[0][0]
     assert stored.startswith(f"pbkdf2_sha256${ITERATIONS * 2}$")
     assert messenger.verify_password(PASSWORD, stored)
@@ -1948,7 +2037,7 @@ def test_database_of_version_1_is_upgraded(tmp_path):
     conn.execute("INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (1, 2, 'hi', 't')")
     conn.close()
     app = messenger.make_app(old, password_iterations=ITERATIONS)
-    client = webtest.TestApp(app)
+    client = CheckedApp(app)
     client.post_json("/login", {"email": "й@x.ru", "password": PASSWORD})
     found = client.get("/users/" + urllib.parse.quote("етр")).json["users"]
     history = client.get("/chats/1/messages").json["messages"]
@@ -2235,8 +2324,8 @@ def test_index_browser_accept_gets_html(api):
 
 
 def test_make_app_returns_independent_apps(make_app):
-    first = webtest.TestApp(make_app(":memory:"))
-    second = webtest.TestApp(make_app(":memory:"))
+    first = CheckedApp(make_app(":memory:"))
+    second = CheckedApp(make_app(":memory:"))
     body = {"email": "ann@example.com", "password": PASSWORD}
     assert first.post_json("/users", body).json == second.post_json("/users", body).json
 
@@ -2411,7 +2500,7 @@ def test_cors_other_origin_gets_no_cors_headers(api, origin):
 @pytest.mark.parametrize("path, status", [("/", 200), ("/users", 401), ("/nowhere", 404),
                                           ("/crash", 500)])
 def test_cors_headers_and_vary_on_every_answer(app, api, path, status):
-    app.route("/crash", callback=lambda: 1 / 0, public=True)
+    app.route("/crash", callback=lambda: 1 / 0, contract=messenger.Contract(public=True))
     response = api.get(path, headers={"Origin": "http://localhost:3000"}, status=status,
                        expect_errors=True)
     assert response.headers["Vary"] == "Origin"
@@ -2446,7 +2535,7 @@ def test_preflight_from_other_origin_is_204_without_cors_headers(api):
 
 
 def test_cors_origin_option_adds_an_origin(make_app):
-    api = webtest.TestApp(make_app(cors_origins=["https://app.example.com"]))
+    api = CheckedApp(make_app(cors_origins=["https://app.example.com"]))
     allowed = api.get("/", headers={"Origin": "https://app.example.com"})
     other = api.get("/", headers={"Origin": "https://other.example.com"})
     local = api.get("/", headers={"Origin": "http://localhost:3000"})
@@ -2456,7 +2545,7 @@ def test_cors_origin_option_adds_an_origin(make_app):
 
 
 def test_cors_star_allows_any_origin_by_echoing_it(make_app):
-    api = webtest.TestApp(make_app(cors_origins=["*"]))
+    api = CheckedApp(make_app(cors_origins=["*"]))
     response = api.get("/", headers={"Origin": "https://anywhere.example"})
     assert response.headers["Access-Control-Allow-Origin"] == "https://anywhere.example"
     assert response.headers["Access-Control-Allow-Credentials"] == "true"
@@ -2473,7 +2562,7 @@ def test_cors_warns_once_about_localhost_and_127(api, caplog):
 def test_demo_fills_an_empty_database(make_app):
     app = make_app(demo=True)
     assert app.demo_seeded
-    client = webtest.TestApp(app)
+    client = CheckedApp(app)
     client.post_json("/login", {"email": "ann@example.com", "password": messenger.DEMO_PASSWORD})
     chats = client.get("/chats").json["chats"]
     assert [(chat["name"], chat["type"]) for chat in chats] == [
@@ -2489,7 +2578,7 @@ def test_demo_fills_an_empty_database(make_app):
 
 def test_demo_leaves_a_database_with_users_alone(make_app, tmp_path):
     app = make_app(str(tmp_path / "mine.db"))
-    webtest.TestApp(app).post_json("/users", {"email": "mine@example.com", "password": PASSWORD})
+    CheckedApp(app).post_json("/users", {"email": "mine@example.com", "password": PASSWORD})
     app.db.close()
     again = make_app(str(tmp_path / "mine.db"), demo=True)
     assert not again.demo_seeded
@@ -2502,17 +2591,17 @@ def test_reset_does_not_exist_without_the_option(api):
 
 def test_reset_empties_everything_and_ends_sessions(make_app):
     app = make_app(allow_reset=True)
-    client = webtest.TestApp(app)
+    client = CheckedApp(app)
     client.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
     client.post_json("/login", {"email": "ann@example.com", "password": PASSWORD})
-    assert webtest.TestApp(app).post("/__reset").json == {}
+    assert CheckedApp(app).post("/__reset").json == {}
     assert error(client.get("/users", status=401)) == ("not_authorized", None)
     assert client.post_json("/users", {"email": "ann@example.com", "password": PASSWORD}).json["id"] == 1
 
 
 def test_reset_seeds_the_demo_again(make_app):
     app = make_app(allow_reset=True, demo=True)
-    client = webtest.TestApp(app)
+    client = CheckedApp(app)
     client.post_json("/users", {"email": "new@example.com", "password": PASSWORD})
     client.post("/__reset")
     emails = [row[0] for row in query(app, "SELECT email FROM users ORDER BY id")]
@@ -2520,14 +2609,14 @@ def test_reset_seeds_the_demo_again(make_app):
 
 
 def test_delay_waits_before_answering(make_app):
-    api = webtest.TestApp(make_app(delay="150-200"))
+    api = CheckedApp(make_app(delay="150-200"))
     started = time.monotonic()
     api.get("/")
     assert time.monotonic() - started >= 0.15
 
 
 def test_delay_skips_preflights(make_app):
-    api = webtest.TestApp(make_app(delay=5000))
+    api = CheckedApp(make_app(delay=5000))
     started = time.monotonic()
     api.options("/login", headers={"Origin": "http://localhost:3000"}, status=204)
     assert time.monotonic() - started < 4
@@ -2560,7 +2649,7 @@ def test_cli_bad_delay_range_is_shown_as_written(capsys):
 def test_cli_demo_refuses_a_database_with_other_users(capsys, make_app, tmp_path):
     db = str(tmp_path / "messenger.db")
     app = make_app(db)
-    webtest.TestApp(app).post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
+    CheckedApp(app).post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
     app.db.close()
     result = run_main(capsys, "--demo", "--port", "0", "--db", db)
     assert result.returncode == 1 and result.stdout == ""
@@ -2722,21 +2811,22 @@ def test_hostile_text_is_stored_and_returned_literally(ann, chat, text):
 # Every route that needs a session, from the routes' own declarations; the
 # search (/users/{text}) as well as /users/{id}.
 SESSION_ROUTES = [(method, re.sub(r"<[^>]+>", "1", path))
-                  for method, path, _, public in messenger.ROUTES if not public] + [("GET", "/users/ann")]
+                  for method, path, _, contract in messenger.ROUTES if not contract.public]
+SESSION_ROUTES.append(("GET", "/users/ann"))
 
 
 def test_public_routes_are_the_contracts(make_app):
     app = make_app(allow_reset=True)
-    public = {(r.method, r.rule) for r in app.routes if r.config.get("public")}
+    public = {(r.method, r.rule) for r in app.routes if r.config["contract"].public}
     assert public == {("POST", "/users"), ("POST", "/sign_up"), ("POST", "/login"), ("GET", "/"),
-                      ("POST", "/__reset")}
+                      ("GET", "/openapi.json"), ("POST", "/__reset")}
 
 
 @pytest.mark.parametrize("method, path", SESSION_ROUTES)
 def test_logged_out_session_is_401_everywhere(api, ann, chat, method, path):
     token = login_cookie(api, "ann@example.com").split(";")[0]
     api.delete("/logout")
-    fresh = webtest.TestApp(api.app)
+    fresh = CheckedApp(api.app)
     response = fresh.request(path, method=method, body=b"{}", headers={"Cookie": token}, status=401)
     assert error(response) == ("not_authorized", None)
 
@@ -2772,7 +2862,7 @@ def test_outsider_sees_no_updates_of_a_chat(login, ann, bob, chat):
 
 
 def test_login_unknown_email_takes_as_long_as_wrong_password(make_app):
-    api = webtest.TestApp(make_app(password_iterations=50_000))
+    api = CheckedApp(make_app(password_iterations=50_000))
     api.post_json("/users", {"email": "ann@example.com", "password": PASSWORD})
 
     def seconds(email):
@@ -2952,6 +3042,8 @@ NON_LATIN_REQUESTS = [
     ("POST", "/chats/{chat}/read", {"message_id": "{message}"}, 200, None),
     ("GET", "/updates?offset=ё", None, 400, "invalid_field"),
     ("GET", "/updates", None, 200, None),
+    ("GET", "/updates/stream?offset=ё", None, 400, "invalid_field"),
+    ("GET", "/openapi.json", None, 200, None),
     ("DELETE", "/logout", (None, {"Cookie": "session_id=чужой".encode()}), 401, "not_authorized"),
 ]
 
