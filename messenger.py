@@ -92,6 +92,7 @@ SORTED_SEARCH_SHARE = 50
 MAX_MESSAGE_CHARS = 4096
 MAX_CHAT_NAME_CHARS = 128
 MAX_GROUP_MEMBERS = 100  # the owner included
+SEARCH_BATCH = 5000  # messages a search indexes per transaction (about 50 ms)
 MAX_EMOJI_CHARS = 16  # an emoji of several code points (a family, a flag) is still one
 DEFAULT_PAGE = 50
 MAX_PAGE = 100
@@ -434,6 +435,11 @@ def _check_path_encoding():
         raise error(400, "invalid_field", "The request path is not valid UTF-8.", "path") from None
 
 
+def _header(name, default=""):
+    """A request header as it came, its bytes as Latin-1 (Bottle's get_header raises on non-UTF-8)."""
+    return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
+
+
 def _cors_origin(allowed):
     """The request's Origin if it is local or `allowed` to call the API with credentials, else None."""
     origin = bottle.request.environ.get("HTTP_ORIGIN")
@@ -456,13 +462,13 @@ def _add_cors_headers(app):
 def _warn_cross_site(warned, origin):
     """Warn once per origin when a page on localhost calls 127.0.0.1, or the other way round."""
     hosts = {urllib.parse.urlsplit(origin).hostname,
-             urllib.parse.urlsplit("//" + bottle.request.get_header("Host", "")).hostname}
+             urllib.parse.urlsplit("//" + _header("Host")).hostname}
     if hosts == {"localhost", "127.0.0.1"} and origin not in warned:
         warned.add(origin)
         log.warning(
             "warning: a page on %s calls this server as %s. Browsers treat localhost and "
             "127.0.0.1 as different sites and drop the session cookie: use the same name in both.",
-            origin, bottle.request.get_header("Host"),
+            origin, _header("Host"),
         )
 
 
@@ -474,7 +480,7 @@ def _answer_preflight(options):
     if _cors_origin(options.cors_origins):
         headers = {
             "Access-Control-Allow-Methods": CORS_METHODS,
-            "Access-Control-Allow-Headers": bottle.request.get_header("Access-Control-Request-Headers", ""),
+            "Access-Control-Allow-Headers": _header("Access-Control-Request-Headers"),
             "Access-Control-Max-Age": str(CORS_MAX_AGE_SECONDS),
         }
     raise bottle.HTTPResponse(status=204, headers=headers)
@@ -1278,6 +1284,10 @@ CHAT_QUERY = """
 """
 
 
+# A new chat's opened_after (schema.sql): after the newest message id handed out.
+OPENED_NOW = "(SELECT coalesce(max(seq), 0) + 0.5 FROM sqlite_sequence WHERE name = 'messages')"
+
+
 def _exists(conn, sql, params):
     """Whether a query finds a row."""
     return conn.execute(sql, params).fetchone() is not None
@@ -1380,7 +1390,7 @@ def _open_dialog(app, db, me, other):
             raise _user_not_found("user_id")
         created = conn.execute(
             "INSERT INTO chats (type, user_low, user_high, created_at, opened_after)"
-            " VALUES ('dialog', ?, ?, ?, (SELECT coalesce(max(id), 0) + 0.5 FROM messages))"
+            " VALUES ('dialog', ?, ?, ?, " + OPENED_NOW + ")"
             " ON CONFLICT (user_low, user_high) DO NOTHING",
             (low, high, _iso(time.time())),
         ).rowcount
@@ -1406,7 +1416,7 @@ def _create_group(app, db, me, name, others):
                 raise _user_not_found("member_ids")
         chat_id = conn.execute(
             "INSERT INTO chats (type, name, owner_id, created_at, opened_after)"
-            " VALUES ('group', ?, ?, ?, (SELECT coalesce(max(id), 0) + 0.5 FROM messages))",
+            " VALUES ('group', ?, ?, ?, " + OPENED_NOW + ")",
             (name, me, _iso(time.time())),
         ).lastrowid
         members = [me, *others]
@@ -1490,12 +1500,12 @@ def remove_member(app, db, me, chat_id, user_id):
     chat_id, user_id = _path_id(chat_id), _path_id(user_id, "user_id")
     with db.transaction() as conn:
         chat = _group_row(conn, me, chat_id)
-        if user_id != me and chat["owner_id"] != me:
-            raise error(403, "forbidden", "Only the group's owner may remove other members.")
         if _load_user(conn, user_id) is None:
             raise _user_not_found()
         members = _member_ids(conn, chat_id)
-        if user_id in members:
+        if user_id in members:  # removing someone who is not a member changes nothing
+            if user_id != me and chat["owner_id"] != me:
+                raise error(403, "forbidden", "Only the group's owner may remove other members.")
             _leave_group(conn, app.feed, chat, user_id, members)
         group = None if user_id == me else _load_chat(conn, me, chat_id)
     app.feed.publish()
@@ -1820,22 +1830,31 @@ def search_messages(db, me):
 
 
 def index_messages(db):
-    """Index the words of every message sent since the last search, in one batch."""
+    """Index the words of every message sent since the last search, in batches."""
     new = "SELECT 1 FROM messages WHERE id > (SELECT indexed_up_to FROM search_progress)"
-    with db.connection() as conn:
-        if not _exists(conn, new, ()):
-            return  # the usual case: a search with nothing to write
-    with db.transaction() as conn:
-        conn.execute("INSERT INTO messages_search (rowid, text) SELECT id, fold(text) FROM messages"
-                     " WHERE id > (SELECT indexed_up_to FROM search_progress)")
-        conn.execute("UPDATE search_progress SET indexed_up_to = (SELECT max(id) FROM messages)")
+    while True:
+        with db.connection() as conn:
+            if not _exists(conn, new, ()):
+                return  # the usual case: a search with nothing to write
+        # A batch at a time, so that no transaction holds the write lock long
+        # (after an upgrade there may be a million messages to index).
+        with db.transaction() as conn:
+            last = conn.execute(
+                "SELECT max(id) FROM (SELECT id FROM messages WHERE id >"
+                " (SELECT indexed_up_to FROM search_progress) ORDER BY id LIMIT ?)", (SEARCH_BATCH,)
+            ).fetchone()[0]
+            if last is None:
+                return  # deleted meanwhile
+            conn.execute("INSERT INTO messages_search (rowid, text) SELECT id, fold(text) FROM messages"
+                         " WHERE id > (SELECT indexed_up_to FROM search_progress) AND id <= ?", (last,))
+            conn.execute("UPDATE search_progress SET indexed_up_to = ?", (last,))
 
 
 def find_messages(conn, me, words, chat_id, before, limit, use_index=True):
     """Rows of the JSON of the newest messages in the chats of `me` whose words start with `words`."""
     if not words:
         return []
-    where = "m.id < ?" + (" AND m.chat_id = ?" if chat_id else "")
+    where = "s.rowid < ?" + (" AND m.chat_id = ?" if chat_id else "")  # rowid: FTS5 seeks to it
     params = (before, chat_id) if chat_id else (before,)
     if use_index:
         # Quoted, each word is literal; the * makes it a prefix.
@@ -1956,7 +1975,7 @@ def get_updates(app, db, me):
 def stream_updates(app, db, me):
     """The same updates as Server-Sent Events, for a browser's EventSource; resumes after Last-Event-ID."""
     offset = _query_int("offset", 0, 0, MAX_ID)
-    last_event_id = bottle.request.get_header("Last-Event-ID")
+    last_event_id = _header("Last-Event-ID", None)
     if last_event_id is not None:  # a reconnecting EventSource: it wins over ?offset=
         if not (last_event_id.isascii() and last_event_id.isdigit()
                 and len(last_event_id) <= MAX_ID_DIGITS and int(last_event_id) < MAX_ID):

@@ -45,9 +45,10 @@ CREATE TABLE IF NOT EXISTS photos (
 );
 
 -- A chat is a dialog of two users, stored once for the pair, or a named
--- group of up to 100 members.
+-- group of up to 100 members. AUTOINCREMENT: the id of a deleted group is
+-- never given to a new chat, which clients would take for the old one.
 CREATE TABLE IF NOT EXISTS chats (
-    id              INTEGER PRIMARY KEY,
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
     type            TEXT NOT NULL CHECK (type IN ('dialog', 'group')),
     -- a dialog's two members, smaller id first; NULL in a group (NULLs never
     -- collide in a UNIQUE constraint, so only dialogs are one per pair)
@@ -56,7 +57,9 @@ CREATE TABLE IF NOT EXISTS chats (
     name            TEXT NOT NULL DEFAULT '',   -- a group's; a dialog shows the other member's
     owner_id        INTEGER REFERENCES users (id) ON DELETE SET NULL,  -- a group's
     created_at      TEXT NOT NULL,
-    last_message_id INTEGER REFERENCES messages (id) ON DELETE SET NULL,
+    -- kept by messenger.py; no foreign key, which would make every deleted
+    -- message search this table for chats pointing at it
+    last_message_id INTEGER,
     -- The largest message id when the chat was opened, plus 0.5: sorting by
     -- coalesce(last_message_id, opened_after), then by id, puts the chat
     -- with the latest activity first.
@@ -139,7 +142,8 @@ DROP TRIGGER IF EXISTS users_search_delete;
 DROP TRIGGER IF EXISTS users_search_update;
 DROP TABLE IF EXISTS users_search;
 -- OR IGNORE: two users whose keys differed only in normalisation keep theirs.
-UPDATE OR IGNORE users SET email_key = fold(email), username_key = fold(username);
+UPDATE OR IGNORE users SET email_key = fold(email);
+UPDATE OR IGNORE users SET username_key = fold(username);
 ALTER TABLE users ADD COLUMN
     search_key TEXT GENERATED ALWAYS AS (replace(username_key, 'ё', 'е')) VIRTUAL;
 CREATE INDEX IF NOT EXISTS users_by_search_key ON users (search_key, username_key);
@@ -148,14 +152,14 @@ CREATE INDEX IF NOT EXISTS users_by_search_key ON users (search_key, username_ke
 -- never reused. New tables, since SQLite changes constraints and adds
 -- stored columns only in a table it creates.
 CREATE TABLE chats_2 (
-    id              INTEGER PRIMARY KEY,
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
     type            TEXT NOT NULL CHECK (type IN ('dialog', 'group')),
     user_low        INTEGER REFERENCES users (id) ON DELETE CASCADE,
     user_high       INTEGER REFERENCES users (id) ON DELETE CASCADE,
     name            TEXT NOT NULL DEFAULT '',
     owner_id        INTEGER REFERENCES users (id) ON DELETE SET NULL,
     created_at      TEXT NOT NULL,
-    last_message_id INTEGER REFERENCES messages (id) ON DELETE SET NULL,
+    last_message_id INTEGER,
     opened_after    REAL NOT NULL,
     UNIQUE (user_low, user_high),
     CHECK (type = 'group' OR user_low < user_high)
@@ -191,6 +195,9 @@ CREATE TABLE IF NOT EXISTS reactions (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS search_progress (indexed_up_to INTEGER NOT NULL);
 INSERT INTO search_progress (indexed_up_to) VALUES (0);
+-- Updates written by version 1 hold chats and messages of the old shape:
+-- clients read their chats again after the upgrade.
+DELETE FROM updates;
 PRAGMA user_version = 2;
 
 -- search-index

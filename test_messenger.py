@@ -1352,6 +1352,25 @@ def test_removing_a_non_member_changes_nothing(ann, login, group):
     assert ann.delete(f"/chats/{group['id']}/members/{dave.user['id']}").json == group
 
 
+def test_removing_a_non_member_changes_nothing_for_any_member(bob, login, group):
+    dave = login("dave@example.com")
+    assert bob.delete(f"/chats/{group['id']}/members/{dave.user['id']}").json == dict(group, unread_count=0)
+
+
+def test_deleted_group_id_is_never_used_again(ann):
+    gone = make_group(ann, "Gone")
+    ann.delete(f"/chats/{gone['id']}/members/{ann.user['id']}")
+    assert make_group(ann, "New")["id"] > gone["id"]
+
+
+def test_chat_opened_after_a_deleted_message_sorts_above_older_ones(ann, bob, carol, chat):
+    send(ann, chat["id"], "kept")
+    deleted = send(ann, chat["id"], "the newest on the server")
+    ann.delete(f"/chats/{chat['id']}/messages/{deleted['id']}")
+    newer = ann.post_json("/chats", {"user_id": carol.user["id"]}).json
+    assert [c["id"] for c in ann.get("/chats").json["chats"]] == [newer["id"], chat["id"]]
+
+
 @pytest.mark.parametrize("user, mnemonic, field", [("999", "user_not_found", None),
                                                    ("0", "invalid_field", "user_id"),
                                                    ("abc", "invalid_field", "user_id")])
@@ -2287,6 +2306,126 @@ def test_server_stop_ends_waiting_polls(tmp_path):
     assert answers == [[]] and time.monotonic() - started < 5
 
 
+def read_stream(server, cookie, until=None, headers=()):
+    """Open GET /updates/stream on a real server: (its response, its text up to its end, or up to
+    where until(text) is true)."""
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=15)
+    connection.request("GET", "/updates/stream", headers=dict(headers, Cookie=cookie))
+    response, text = connection.getresponse(), ""
+    while not (until and until(text)):
+        line = response.readline()
+        if not line:
+            break
+        text += line.decode()
+    connection.close()
+    return response, text
+
+
+def events(text):
+    """The events of a stream's text, as (id, type, update)."""
+    return [(int(id_), kind, json.loads(data)) for id_, kind, data in
+            re.findall(r"^id: (\d+)\nevent: (\w+)\ndata: (.*)\n\n", text, re.M)]
+
+
+@pytest.fixture
+def stream_server(tmp_path):
+    """A server whose event streams end after a second and a half, with a comment every 0.2 s."""
+    with messenger.Server(db=str(tmp_path / "stream.db"), password_iterations=ITERATIONS, quiet=True,
+                          stream_seconds=1.5, stream_heartbeat_seconds=0.2) as server:
+        yield server
+
+
+def test_stream_frames_each_update(stream_server):
+    ann_cookie, bob_cookie, chat_id, offset = two_in_a_chat(stream_server)
+    message = call(f"{stream_server.url}/chats/{chat_id}/messages", "POST", {"text": "hi"}, bob_cookie)[1]
+    response, text = read_stream(stream_server, ann_cookie, headers={"Last-Event-ID": str(offset - 1)})
+    update_id = poll(stream_server, ann_cookie, offset=offset)[0]["update_id"]
+    update = {"update_id": update_id, "type": "message", "message": message}
+    assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    data = json.dumps(update, ensure_ascii=False, separators=(",", ":"))
+    assert text.startswith(f"retry: 1000\n\nid: {update_id}\nevent: message\ndata: {data}\n\n")
+
+
+def test_stream_sends_a_comment_when_quiet_and_ends_in_time(stream_server):
+    ann_cookie, _, _, offset = two_in_a_chat(stream_server)
+    started = time.monotonic()
+    _, text = read_stream(stream_server, ann_cookie, headers={"Last-Event-ID": str(offset - 1)})
+    assert 1.4 < time.monotonic() - started < 10
+    assert text.count(": still here\n\n") >= 3 and events(text) == []
+
+
+def test_stream_resumes_after_last_event_id_losing_nothing(stream_server):
+    ann_cookie, bob_cookie, chat_id, _ = two_in_a_chat(stream_server)
+    url = f"{stream_server.url}/chats/{chat_id}/messages"
+    call(url, "POST", {"text": "one"}, bob_cookie)
+    _, first = read_stream(stream_server, ann_cookie)  # ends by itself after 1.5 s
+    call(url, "POST", {"text": "two"}, bob_cookie)  # while no stream is open
+    last_id = events(first)[-1][0]
+    _, second = read_stream(stream_server, ann_cookie, headers={"Last-Event-ID": str(last_id)},
+                            until=lambda text: any(kind == "message" for _, kind, _ in events(text)))
+    received = events(first) + events(second)
+    assert [update["message"]["text"] for _, kind, update in received if kind == "message"] == ["one", "two"]
+    assert len({id_ for id_, _, _ in received}) == len(received)  # none repeated
+    assert all(id_ == update["update_id"] for id_, _, update in received)
+
+
+def test_stream_starts_at_the_offset(stream_server):
+    ann_cookie, bob_cookie, chat_id, offset = two_in_a_chat(stream_server)
+    call(f"{stream_server.url}/chats/{chat_id}/messages", "POST", {"text": "new"}, bob_cookie)
+    connection = http.client.HTTPConnection(stream_server.host, stream_server.port, timeout=15)
+    connection.request("GET", f"/updates/stream?offset={offset}", headers={"Cookie": ann_cookie})
+    text = connection.getresponse().read().decode()
+    connection.close()
+    assert [update for _, _, update in events(text)] == poll(stream_server, ann_cookie, offset=offset)
+
+
+@pytest.mark.parametrize("header", ["abc", "-1", "\xff", str(2**63)])
+def test_stream_bad_last_event_id(ann, header):
+    response = ann.get("/updates/stream", headers={"Last-Event-ID": header}, status=400)
+    assert error(response) == ("invalid_field", "Last-Event-ID")
+
+
+def test_stream_allows_a_browser_with_credentials(stream_server):
+    ann_cookie, _, _, _ = two_in_a_chat(stream_server)
+    response, _ = read_stream(stream_server, ann_cookie, until=lambda text: "retry" in text,
+                              headers={"Origin": "http://localhost:5173"})
+    assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+
+
+def test_server_streams_do_not_starve_other_requests(tmp_path):
+    with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, threads=4,
+                          quiet=True, stream_seconds=30) as server:
+        _, cookie = login_at(server.url, "ann@example.com")
+        streams = []
+        for _ in range(10):
+            connection = http.client.HTTPConnection(server.host, server.port, timeout=15)
+            connection.request("GET", "/updates/stream", headers={"Cookie": cookie})
+            streams.append(connection)
+        answers = [connection.getresponse() for connection in streams]
+        started = time.monotonic()
+        status = call(server.url + "/users", cookie=cookie)[0]
+        elapsed = time.monotonic() - started
+        ended = [answer.read().decode() for answer in answers[2:]]  # all but the two that may wait
+        for connection in streams:
+            connection.close()
+    assert (status, elapsed < 5) == (200, True)
+    assert all(text.endswith("retry: 5000\n\n") for text in ended)
+
+
+def test_server_stop_ends_open_streams(tmp_path):
+    server = messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True)
+    _, cookie = login_at(server.url, "ann@example.com")
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=15)
+    connection.request("GET", "/updates/stream", headers={"Cookie": cookie})
+    answer = connection.getresponse()
+    answer.readline()
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < messenger.STOP_GRACE_SECONDS + 2
+    connection.close()
+
+
 # ---------------------------------------------------------------------------
 # 7. Running and embedding
 # ---------------------------------------------------------------------------
@@ -2787,9 +2926,13 @@ def raw_request(server, data):
     (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
     (b"\x00\x01\x02 nonsense\r\n\r\n", b"400"),
     (b"GET /users HTTP/1.1\r\nHost: x\r\nCookie: \xff\xfe=\x00; session_id=\xff\r\n\r\n", b"400"),
+    (b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\nOrigin: http://localhost:3000\r\n\r\n", b"200"),
+    (b"OPTIONS /login HTTP/1.1\r\nHost: x\r\nOrigin: http://localhost:3000\r\n"
+     b"Access-Control-Request-Headers: \xff\xfe\r\n\r\n", b"204"),
 ], ids=["short-content-length", "long-content-length", "two-content-lengths",
         "negative-content-length", "content-length-and-chunked", "unknown-transfer-encoding",
-        "bad-chunk", "oversized-header", "garbage", "binary-cookie"])
+        "bad-chunk", "oversized-header", "garbage", "binary-cookie", "binary-host",
+        "binary-preflight-headers"])
 def test_server_malformed_http_is_refused_and_server_lives_on(attacked_server, data, status):
     server = attacked_server
     answer = raw_request(server, data)
