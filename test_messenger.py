@@ -1711,6 +1711,13 @@ def test_search_messages_bad_query(ann, params, mnemonic, field):
     assert error(ann.get("/messages", params=params, status=400)) == (mnemonic, field)
 
 
+def test_search_indexes_many_messages_in_batches(ann, chat, monkeypatch):
+    monkeypatch.setattr(messenger, "SEARCH_BATCH", 2)
+    for n in range(5):
+        send(ann, chat["id"], f"batch {n}")
+    assert search_texts(ann, "batch") == ([f"batch {n}" for n in range(4, -1, -1)], False)
+
+
 def test_search_without_fts5(make_app, monkeypatch):
     monkeypatch.setattr(messenger, "_has_fts5_trigram", lambda conn: False)
     app = make_app(":memory:")
@@ -2437,6 +2444,72 @@ def test_index_is_html_listing_every_route(app, api):
     for route in app.routes:
         path = html.escape(messenger._route_path(route.rule))
         assert f"<td>{route.method}</td><td><code>{path}</code></td>" in response.text
+
+
+def test_openapi_describes_every_route_and_nothing_else(make_app):
+    app = make_app(allow_reset=True)
+    doc = CheckedApp(app).get("/openapi.json").json
+    described = {(method.upper(), path) for path, operations in doc["paths"].items() for method in operations}
+    assert described == {(r.method, messenger._route_path(r.rule)) for r in app.routes}
+
+
+def all_refs(value):
+    if isinstance(value, dict):
+        return ([value["$ref"]] if "$ref" in value else []) + [r for v in value.values() for r in all_refs(v)]
+    return [r for v in value for r in all_refs(v)] if isinstance(value, list) else []
+
+
+def test_openapi_is_valid_in_its_structure(api):
+    doc = api.get("/openapi.json").json
+    assert doc["openapi"] == "3.1.0" and doc["info"]["title"] and doc["info"]["version"]
+    refs = all_refs(doc)
+    assert refs and all(ref.rsplit("/", 1)[1] in doc["components"]["schemas"] for ref in refs)
+    assert doc["components"]["securitySchemes"]["session"] == {
+        "type": "apiKey", "in": "cookie", "name": "session_id", "description": "The cookie POST /login sets."}
+    operations = [op for path in doc["paths"].values() for op in path.values()]
+    assert len({op["operationId"] for op in operations}) == len(operations)
+    for path, methods in doc["paths"].items():
+        for method, op in methods.items():
+            assert op["summary"] and op["responses"]["200"]["content"], (method, path)
+            assert all(answer["description"] for answer in op["responses"].values())
+            names = {p["name"] for p in op["parameters"] if p["in"] == "path"}
+            assert names == set(re.findall(r"\{(\w+)\}", path)), (method, path)
+
+
+def test_openapi_marks_the_public_routes(api):
+    doc = api.get("/openapi.json").json
+    public = {(method.upper(), path) for path, ops in doc["paths"].items() for method, op in ops.items()
+              if op.get("security") == []}
+    assert public == {("POST", "/users"), ("POST", "/sign_up"), ("POST", "/login"), ("GET", "/"),
+                      ("GET", "/openapi.json")}
+
+
+def test_openapi_names_the_address_asked(api):
+    doc = api.get("/openapi.json", headers={"Host": "chat.example:8443"}).json
+    assert doc["servers"] == [{"url": "http://chat.example:8443"}]
+
+
+def test_openapi_lists_the_errors_a_route_gives(api):
+    paths = api.get("/openapi.json").json["paths"]
+    responses = paths["/chats/{chat_id}/messages/{message_id}"]["put"]["responses"]
+    assert {status: answer["description"] for status, answer in responses.items() if status != "200"} == {
+        "400": "chat_not_found, invalid_field, invalid_json, message_not_found, missing_field",
+        "401": "not_authorized", "403": "forbidden", "413": "payload_too_large", "500": "internal_error"}
+
+
+def test_answer_checker_finds_an_answer_off_its_description(app):
+    doc = messenger.openapi_document(app, "http://localhost")
+    message = {"id": 1, "chat_id": 1, "author_id": 1, "text": "hi", "created_at": "t", "edited_at": None,
+               "reactions": {}}
+    assert schema_errors(messenger._ref("Message"), message, doc) == []
+    assert schema_errors(messenger._ref("Message"), dict(message, extra=1), doc) == [
+        "$: 'extra' is not in the description"]
+    assert schema_errors(messenger._ref("Message"), dict(message, id=0), doc) == ["$.id: 0 out of range"]
+
+
+def test_index_links_to_the_api_description(api):
+    assert 'href="/openapi.json"' in api.get("/").text
+    assert api.get("/", headers={"Accept": "application/json"}).json["api"] == "/openapi.json"
 
 
 def test_readme_documents_every_route_and_no_other(make_app):
