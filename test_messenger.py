@@ -2402,7 +2402,7 @@ def test_stream_allows_a_browser_with_credentials(stream_server):
 
 def test_server_streams_do_not_starve_other_requests(tmp_path):
     with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, threads=4,
-                          quiet=True, stream_seconds=30) as server:
+                          quiet=True) as server:
         _, cookie = login_at(server.url, "ann@example.com")
         streams = []
         for _ in range(10):
@@ -2413,11 +2413,12 @@ def test_server_streams_do_not_starve_other_requests(tmp_path):
         started = time.monotonic()
         status = call(server.url + "/users", cookie=cookie)[0]
         elapsed = time.monotonic() - started
-        ended = [answer.read().decode() for answer in answers[2:]]  # all but the two that may wait
-        for connection in streams:
-            connection.close()
+    # Stopping the server ended the streams that could wait: two of the four threads.
+    texts = [answer.read().decode() for answer in answers]
+    for connection in streams:
+        connection.close()
     assert (status, elapsed < 5) == (200, True)
-    assert all(text.endswith("retry: 5000\n\n") for text in ended)
+    assert sum(text.endswith("retry: 5000\n\n") for text in texts) == 8
 
 
 def test_server_stop_ends_open_streams(tmp_path):
@@ -2922,43 +2923,99 @@ def find_chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(not find_chromium(), reason="needs Chromium (Debian's chromium package)")
-def test_browser_on_another_port_uses_the_api_with_cookies(tmp_path):
-    with messenger.Server(password_iterations=ITERATIONS, quiet=True) as server:
-        page = (BROWSER_PAGE % {"api": server.url, "password": PASSWORD}).encode()
+def run_page(page, tmp_path):
+    """Serve an HTML page from a second port, let headless Chromium run it, and give back
+    what its script wrote into <pre id="result">, as JSON."""
 
-        class PageHandler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                self.wfile.write(page)
+    class PageHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
 
-            def log_message(self, *args):
-                pass
+        def log_message(self, *args):
+            pass
 
-        pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PageHandler)
-        threading.Thread(target=pages.serve_forever, daemon=True).start()
-        try:
-            result = subprocess.run(
-                [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-quic", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--virtual-time-budget=20000", "--dump-dom",
-                 f"http://127.0.0.1:{pages.server_port}/"],
-                capture_output=True, text=True, timeout=120,
-            )
-        finally:
-            pages.shutdown()
-            pages.server_close()
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PageHandler)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    try:
+        result = subprocess.run(
+            [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-quic", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=20000", "--dump-dom",
+             f"http://127.0.0.1:{pages.server_port}/"],
+            capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        pages.shutdown()
+        pages.server_close()
     found = re.search(r'<pre id="result">(.*?)</pre>', result.stdout, re.S)
     assert found, result.stdout[-2000:] + result.stderr[-2000:]
     assert found[1].startswith("["), found[1]  # the page's error, such as a CORS failure
-    log = json.loads(html.unescape(found[1]))
+    return json.loads(html.unescape(found[1]))
+
+
+@pytest.mark.skipif(not find_chromium(), reason="needs Chromium (Debian's chromium package)")
+def test_browser_on_another_port_uses_the_api_with_cookies(tmp_path):
+    with messenger.Server(password_iterations=ITERATIONS, quiet=True) as server:
+        log = run_page((BROWSER_PAGE % {"api": server.url, "password": PASSWORD}).encode(), tmp_path)
     assert [status for status, _ in log] == [200] * 7
     assert log[3][1]["email"] == "ann@example.com"  # the session cookie came back
     assert [m["text"] for m in log[6][1]["messages"]] == ["hello from a browser"]
+
+
+STREAM_PAGE = """<!doctype html>
+<html><body><pre id="result">running</pre><script>
+const api = "%(api)s";
+(async () => {
+  const log = [];
+  try {
+    const login = await fetch(api + "/login", {method: "POST", credentials: "include",
+      body: JSON.stringify({email: "ann@example.com", password: "%(password)s"})});
+    log.push(login.status);
+    const texts = await new Promise((resolve, reject) => {
+      const texts = [];
+      const source = new EventSource(api + "/updates/stream", {withCredentials: true});
+      source.addEventListener("message", event => {
+        texts.push(JSON.parse(event.data).message.text);
+        if (texts.length === 2) { source.close(); resolve(texts); }
+      });
+      source.onerror = () => log.push("reconnecting");  // the server ended the stream
+      setTimeout(() => reject(new Error("no second message")), 15000);
+    });
+    log.push(texts);
+    document.getElementById("result").textContent = JSON.stringify(log);
+  } catch (exc) {
+    document.getElementById("result").textContent = "ERROR " + exc;
+  }
+})();
+</script></body></html>
+"""
+
+
+@pytest.mark.skipif(not find_chromium(), reason="needs Chromium (Debian's chromium package)")
+def test_browser_event_source_gets_messages_across_a_server_ended_stream(tmp_path):
+    with messenger.Server(password_iterations=ITERATIONS, quiet=True, stream_seconds=2) as server:
+        ann_cookie, bob_cookie, chat_id, _ = two_in_a_chat(server)
+        feed, url = server.app.feed, f"{server.url}/chats/{chat_id}/messages"
+
+        def bob_writes():
+            # The first while the page's stream is open; the second after the
+            # server ended it, before the browser is back.
+            if wait_until(lambda: feed.waiting == 1, 60):
+                call(url, "POST", {"text": "first"}, bob_cookie)
+                if wait_until(lambda: feed.waiting == 0, 60):
+                    call(url, "POST", {"text": "second"}, bob_cookie)
+
+        writer = threading.Thread(target=bob_writes)
+        writer.start()
+        log = run_page((STREAM_PAGE % {"api": server.url, "password": PASSWORD}).encode(), tmp_path)
+        writer.join()
+    assert log[0] == 200 and "reconnecting" in log
+    assert log[-1] == ["first", "second"]
 
 
 # ---------------------------------------------------------------------------
