@@ -1090,12 +1090,14 @@ def _find_inner_matches(conn, key, count, use_index):
     ).fetchall()
 
 
-@route("PUT", "/users/<user_id>", body=_body(list(USER_FIELDS), id=ID, **PROFILE_FIELDS, password=PASSWORD),
-       returns=_ref("User"), errors=("missing_field", "invalid_field", "email_taken", "username_taken",
-                                     "user_not_found", "forbidden"))
-def edit_user(app, db, session, user_id):
+# One path for both routes of /users/{user}, as OpenAPI wants; here it must be an id.
+@route("PUT", "/users/<user>", path_params={"user": ID},
+       body=_body(list(USER_FIELDS), id=ID, **PROFILE_FIELDS, password=PASSWORD), returns=_ref("User"),
+       errors=("missing_field", "invalid_field", "email_taken", "username_taken", "user_not_found",
+               "forbidden"))
+def edit_user(app, db, session, user):
     """Replace the caller's profile: all of email, username, name, status, phone; password optional."""
-    user_id = _path_id(user_id)
+    user_id = _path_id(user)
     _check_own_profile(db, session.user_id, user_id)
     fields, password = _profile(_json_body(), user_id)
     password_hash = hash_password(password, app.options.password_iterations) if password else None
@@ -2198,7 +2200,9 @@ def index(app):
     )
 
 
-@route("GET", "/openapi.json", public=True, returns={"type": "object", "required": ["openapi", "paths"]})
+@route("GET", "/openapi.json", public=True, returns={
+    "type": "object", "required": ["openapi", "paths"],
+    "properties": {"openapi": {"const": "3.1.0"}, "paths": {"type": "object"}}})
 def openapi(app):
     """This API's description, OpenAPI 3.1, for API tools and generated clients."""
     parts = bottle.request.urlparts
@@ -2216,6 +2220,7 @@ def openapi_document(app, server_url):
     return {
         "openapi": "3.1.0",
         "info": {"title": "messenger", "version": __version__,
+                 "license": {"name": "MIT", "identifier": "MIT"},
                  "description": "A messenger backend: users, sessions, avatars, dialogs and groups,"
                                 " messages, read marks, search and updates."},
         "servers": [{"url": server_url}],
