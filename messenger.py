@@ -671,6 +671,19 @@ def _search_fold(text):
     return _fold(text).replace("ё", "е")
 
 
+def _visible_text(body, field, longest, allowed=""):
+    """Required text: 1 to `longest` characters, not only white space, no control characters but `allowed`."""
+    value = _string(body, field, required=True)
+    if _has_control(value, allowed):
+        raise _invalid(field, f"'{field}' must not contain control characters"
+                              + (" other than tab and newlines." if allowed else "."))
+    if not 1 <= len(value) <= longest:
+        raise _invalid(field, f"'{field}' must be 1 to {longest} characters long.")
+    if value.isspace():
+        raise _invalid(field, f"'{field}' must not be only white space.")
+    return value
+
+
 def _is_username_char(c):
     return c.isalpha() or c.isdecimal() or c in "_."
 
@@ -1343,17 +1356,6 @@ def _chat_events(conn, chat_id, users):
     return {user: {"type": "chat", "chat": _load_chat(conn, user, chat_id)} for user in users}
 
 
-def _chat_name(body):
-    name = _string(body, "name", required=True)
-    if _has_control(name):
-        raise _invalid("name", "'name' must not contain control characters.")
-    if not 1 <= len(name) <= MAX_CHAT_NAME_CHARS:
-        raise _invalid("name", f"'name' must be 1 to {MAX_CHAT_NAME_CHARS} characters long.")
-    if name.isspace():
-        raise _invalid("name", "'name' must not be only white space.")
-    return name
-
-
 def _other_members(body, me):
     """A new group's other members, from member_ids: ascending, without duplicates or the caller."""
     value = body.get("member_ids")
@@ -1379,7 +1381,8 @@ def create_chat(app, db, me):
         return _open_dialog(app, db, me, _json_int(body, "user_id"))
     if body.get("user_id") is not None:
         raise _invalid("user_id", "Give 'user_id' for a dialog or 'name' for a group, not both.")
-    return _create_group(app, db, me, _chat_name(body), _other_members(body, me))
+    name = _visible_text(body, "name", MAX_CHAT_NAME_CHARS)
+    return _create_group(app, db, me, name, _other_members(body, me))
 
 
 def _open_dialog(app, db, me, other):
@@ -1457,7 +1460,7 @@ def get_chat(db, me, chat_id):
 def rename_chat(app, db, me, chat_id):
     """Rename a group; any member may."""
     chat_id = _path_id(chat_id)
-    name = _chat_name(_json_body())
+    name = _visible_text(_json_body(), "name", MAX_CHAT_NAME_CHARS)
     with db.transaction() as conn:
         chat = _group_row(conn, me, chat_id)
         if name != chat["name"]:
@@ -1556,17 +1559,6 @@ def _message_row(conn, chat_id, message_id):
     return row
 
 
-def _message_text(body):
-    text = _string(body, "text", required=True)
-    if _has_control(text, allowed="\n\r\t"):
-        raise _invalid("text", "'text' must not contain control characters other than tab and newlines.")
-    if not 1 <= len(text) <= MAX_MESSAGE_CHARS:
-        raise _invalid("text", f"'text' must be 1 to {MAX_MESSAGE_CHARS} characters long.")
-    if text.isspace():
-        raise _invalid("text", "'text' must not be only white space.")
-    return text
-
-
 def _change_text(conn, message_id, text, edited_at):
     """Store a message's new text, and the words a search finds it by if it is indexed yet."""
     conn.execute("UPDATE messages SET text = ?, edited_at = ? WHERE id = ?", (text, edited_at, message_id))
@@ -1591,7 +1583,7 @@ def _to_members(conn, chat_id, event):
 def send_message(app, db, me, chat_id):
     """Send a message to one of the caller's chats."""
     chat_id = _path_id(chat_id)
-    text = _message_text(_json_body())
+    text = _visible_text(_json_body(), "text", MAX_MESSAGE_CHARS, allowed="\n\r\t")
     with db.transaction() as conn:
         _chat_row(conn, me, chat_id)
         message_id = _insert_message(conn, chat_id, me, text, _iso(time.time()))
@@ -1655,7 +1647,7 @@ def _message_page(conn, chat_id, limit, before, after):
 def edit_message(app, db, me, chat_id, message_id):
     """Change the text of one of your messages (edited_at is set); the same text changes nothing."""
     chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
-    text = _message_text(_json_body())
+    text = _visible_text(_json_body(), "text", MAX_MESSAGE_CHARS, allowed="\n\r\t")
     with db.transaction() as conn:
         _chat_row(conn, me, chat_id)
         message = _message_row(conn, chat_id, message_id)
