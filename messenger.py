@@ -1,7 +1,8 @@
 """messenger: a complete messenger backend in one file.
 
-A JSON API over HTTP for users, sessions, avatars, one-to-one dialogs,
-messages, read marks and long-polling updates, built on Bottle (routing),
+A JSON API over HTTP for users, sessions, avatars, dialogs and groups,
+messages with edits, deletions, reactions and search, read marks, and
+updates by long polling or as an event stream, built on Bottle (routing),
 waitress (serving) and SQLite (storage), with nothing else.
 
 Run it (after `pip install .`, `messenger` and `python -m messenger` are
@@ -18,7 +19,8 @@ Embed it (for example in a test suite):
 
     app = messenger.make_app("chat.db")   # a plain WSGI application
 
-The HTTP API is documented in README.md, route by route.
+The HTTP API is documented in README.md, route by route, and served as
+OpenAPI 3.1 at GET /openapi.json, built from each route's declared contract.
 """
 
 __version__ = "0.1.0"
