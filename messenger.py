@@ -794,7 +794,7 @@ SCHEMAS = {
                    "additionalProperties": {"type": "array", "items": ID, "minItems": 1}}),
     "Chat": _object(
         ["id", "type", "name", "members", "owner_id", "last_message", "unread_count", "created_at"],
-        id=ID, type={"enum": ["dialog", "group"]}, name=_text(0, MAX_CHAT_NAME_CHARS),
+        id=ID, type={"type": "string", "enum": ["dialog", "group"]}, name=_text(0, MAX_CHAT_NAME_CHARS),
         members={"type": "array", "items": ID, "minItems": 1, "maxItems": MAX_GROUP_MEMBERS},
         owner_id={"oneOf": [ID, {"type": "null"}]},
         last_message={"oneOf": [_ref("Message"), {"type": "null"}]},
@@ -815,7 +815,8 @@ SCHEMAS = {
         ]
     ]},
     "Error": {"type": "object", "required": ["error", "message"], "additionalProperties": False,
-              "properties": {"error": {"enum": list(ERROR_STATUS)}, "message": {"type": "string"},
+              "properties": {"error": {"type": "string", "enum": list(ERROR_STATUS)},
+                             "message": {"type": "string"},
                              "field": {"type": "string"}}},
 }
 EMPTY = _object()
