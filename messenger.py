@@ -1980,6 +1980,8 @@ def stream_updates(app, db, me):
         offset = int(last_event_id) + 1
     bottle.response.content_type = "text/event-stream; charset=utf-8"
     bottle.response.set_header("Cache-Control", "no-cache")
+    if bottle.request.method == "HEAD":  # no body to stream: hold no thread for one
+        return ""
     return _event_stream(app.feed, db, me, offset, app.options)
 
 

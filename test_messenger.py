@@ -2385,6 +2385,15 @@ def test_stream_starts_at_the_offset(stream_server):
     assert [update for _, _, update in events(text)] == poll(stream_server, ann_cookie, offset=offset)
 
 
+def test_stream_head_holds_no_stream_open(make_app):
+    client = logged_in(make_app(stream_seconds=3600), "ann@example.com")
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.update(head=client.head("/updates/stream")), daemon=True)
+    thread.start()
+    thread.join(30)  # a stream would last an hour
+    assert answer["head"].content_type == "text/event-stream" and answer["head"].body == b""
+
+
 @pytest.mark.parametrize("header", ["abc", "-1", "\xff", str(2**63)])
 def test_stream_bad_last_event_id(ann, header):
     response = ann.get("/updates/stream", headers={"Last-Event-ID": header}, status=400)
