@@ -82,6 +82,7 @@ MAX_PHOTO_BYTES = 5 * 1024 * 1024
 MULTIPART_OVERHEAD = 64 * 1024  # what a photo upload may add to the file
 MAX_ID = 2**63 - 1  # SQLite's largest integer
 MAX_ID_DIGITS = len(str(MAX_ID))
+MIN_PASSWORD_CHARS, MAX_PASSWORD_CHARS = 8, 1024
 MAX_USERNAME_CHARS = 32
 USERNAME_BASE_CHARS = MAX_USERNAME_CHARS - 4  # a username made from an email leaves room for a number
 MAX_SEARCH_CHARS = 64
@@ -512,31 +513,41 @@ def _json_body():
     return body
 
 
-def _path_id(text, field="id"):
-    """An id from the path: ASCII digits, 1 to 2**63-1 (Bottle's int filter takes -5 and "１２")."""
-    if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS and 1 <= int(text) <= MAX_ID:
+def _integer(text, low, high):
+    """The integer that `text` writes in ASCII digits if it lies in [low, high], else None."""
+    # Not int(): it takes "-5", " 5", "1_000" and "１２" (full-width digits).
+    if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS and low <= int(text) <= high:
         return int(text)
-    raise _invalid(field, f"The {field} in the path must be a positive integer.")
+    return None
 
 
-def _query_text(name):
-    """A required query parameter holding a search: 1 to MAX_SEARCH_CHARS characters of text."""
-    if name not in bottle.request.query:
-        raise _missing(name)
-    text = bottle.request.query.getunicode(name)  # None when it is not UTF-8
-    if text is None or not 1 <= len(text) <= MAX_SEARCH_CHARS or _has_control(text):
-        raise _invalid(name, f"'{name}' must be 1 to {MAX_SEARCH_CHARS} characters, no control characters.")
+def _path_id(text, field="id"):
+    """An id from the path: 1 to 2**63-1 (Bottle's int filter takes -5 and "１２")."""
+    value = _integer(text, 1, MAX_ID)
+    if value is None:
+        raise _invalid(field, f"The {field} in the path must be a positive integer.")
+    return value
+
+
+def _search_text(text):
+    """The text of a search (a user's or a message's): at most MAX_SEARCH_CHARS, no control characters."""
+    if len(text) > MAX_SEARCH_CHARS:
+        raise _invalid("query", f"A search is at most {MAX_SEARCH_CHARS} characters long.")
+    if _has_control(text):
+        raise _invalid("query", "A search must not contain control characters.")
     return text
 
 
-def _query_int(name, default, low, high):
-    """A query parameter that must be an integer within [low, high]."""
+def _query_int(name, schema):
+    """An integer query parameter, checked by the schema that describes it (range; default if absent)."""
     text = bottle.request.query.get(name)
     if text is None:
-        return default
-    if text.isascii() and text.isdigit() and len(text) <= MAX_ID_DIGITS and low <= int(text) <= high:
-        return int(text)
-    raise _invalid(name, f"'{name}' must be an integer from {low} to {high}.")
+        return schema.get("default")
+    low, high = schema["minimum"], schema["maximum"]
+    value = _integer(text, low, high)
+    if value is None:
+        raise _invalid(name, f"'{name}' must be an integer from {low} to {high}.")
+    return value
 
 
 def _json_int(body, field, required=True):
@@ -690,7 +701,7 @@ def _is_username_char(c):
     return c.isalpha() or c.isdecimal() or c in "_."
 
 
-PHONE_CHARS = frozenset("0123456789 +-()")
+PHONE_PATTERN = "[0-9 +()-]*"  # ASCII digits, spaces, + - ( ): also the API description's pattern
 
 # field: (shortest, longest, a check of the characters and its complaint)
 USER_FIELDS = {
@@ -703,7 +714,8 @@ USER_FIELDS = {
     ), "may hold letters, digits, '_' and '.', and not only digits"),
     "name": (0, 128, None, ""),
     "status": (0, 256, None, ""),
-    "phone": (0, 32, lambda v: set(v) <= PHONE_CHARS, "may hold digits, spaces, '+', '-', '(' and ')'"),
+    "phone": (0, 32, lambda v: re.fullmatch(PHONE_PATTERN, v),
+              "may hold digits, spaces, '+', '-', '(' and ')'"),
 }
 
 
@@ -726,8 +738,9 @@ def _user_field(body, field, required):
 
 def _password(body, required):
     value = _string(body, "password", required)
-    if value is not None and not 8 <= len(value) <= 1024:
-        raise _invalid("password", "'password' must be 8 to 1024 characters long.")
+    if value is not None and not MIN_PASSWORD_CHARS <= len(value) <= MAX_PASSWORD_CHARS:
+        raise _invalid("password", f"'password' must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS}"
+                                   " characters long.")
     return value
 
 
@@ -753,8 +766,10 @@ ERROR_STATUS = {
 
 
 def _text(min_length=0, max_length=None, **rules):
-    return dict({"type": "string", "minLength": min_length}, **(
-        {"maxLength": max_length} if max_length is not None else {}), **rules)
+    schema = {"type": "string", "minLength": min_length, **rules}
+    if max_length is not None:
+        schema["maxLength"] = max_length
+    return schema
 
 
 def _object(required=(), **properties):
@@ -776,14 +791,11 @@ ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
 TIME = {"type": "string", "format": "date-time"}
 TEXT = _text(1, MAX_MESSAGE_CHARS, description="Not only white space; no control characters but tab,"
                                                " line feed and carriage return.")
-USER_FIELD_SCHEMAS = {
-    "email": _text(3, 254, description="One @ with text on both sides, no white space."),
-    "username": _text(1, MAX_USERNAME_CHARS, description="Letters of any script, digits, _ and .;"
-                                                          " not only digits."),
-    "name": _text(0, 128),
-    "status": _text(0, 256),
-    "phone": _text(0, 32, pattern="^[0-9 +()-]*$"),
+USER_FIELD_SCHEMAS = {  # from the rules the fields are checked by
+    field: _text(shortest, longest, **({"description": f"It {rule}."} if rule else {}))
+    for field, (shortest, longest, _, rule) in USER_FIELDS.items()
 }
+USER_FIELD_SCHEMAS["phone"]["pattern"] = f"^{PHONE_PATTERN}$"
 SCHEMAS = {
     "User": _object(["id", *USER_FIELDS], id=ID, **USER_FIELD_SCHEMAS),
     "Message": _object(
@@ -822,13 +834,19 @@ SCHEMAS = {
 EMPTY = _object()
 MESSAGE_PAGE = _object(["messages", "has_more"], messages={"type": "array", "items": _ref("Message")},
                        has_more={"type": "boolean"})
+# Query parameters, each one schema that both describes it and checks it (_query_int).
 PAGE_LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE}
+UPDATES_LIMIT = dict(PAGE_LIMIT, default=MAX_PAGE)
+OFFSET = {"type": "integer", "minimum": 0, "maximum": MAX_ID, "default": 0}
+AFTER = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
+TIMEOUT = {"type": "integer", "minimum": 0, "maximum": MAX_POLL_SECONDS, "default": 0}
+LAST_EVENT_ID = {"type": "integer", "minimum": 0, "maximum": MAX_ID - 1}
 TEXT_BODY = _body(["text"], text=TEXT)
 NAME = _text(1, MAX_CHAT_NAME_CHARS, description="Not only white space; no control characters.")
 USER_ID_BODY = _body(["user_id"], user_id=ID)
 PROFILE_FIELDS = {field: {"oneOf": [schema, {"type": "null"}]} if field not in ("email", "username")
                   else schema for field, schema in USER_FIELD_SCHEMAS.items()}
-PASSWORD = _text(8, 1024)
+PASSWORD = _text(MIN_PASSWORD_CHARS, MAX_PASSWORD_CHARS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -892,7 +910,7 @@ class _Context:
 
 
 def _user_json(row):
-    return {key: row[key] for key in ("id", "email", "username", "name", "status", "phone")}
+    return {key: row[key] for key in ("id", *USER_FIELDS)}
 
 
 def _load_user(conn, user_id):
@@ -1036,7 +1054,7 @@ def current_user(db, me):
 
 
 @route("GET", "/users/<user>", path_params={"user": _text(1, description="An id (digits), or a search")},
-       query={"limit": PAGE_LIMIT, "offset": {"type": "integer", "minimum": 0, "default": 0}},
+       query={"limit": PAGE_LIMIT, "offset": OFFSET},
        returns={"oneOf": [_ref("User"), _object(["users"], users={"type": "array", "items": _ref("User")})]},
        errors=("invalid_field", "user_not_found"))
 def get_user(db, me, user):
@@ -1052,12 +1070,8 @@ def get_user(db, me, user):
 
 
 def _search_users(db, query):
-    limit = _query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    offset = _query_int("offset", 0, 0, MAX_ID)
-    if len(query) > MAX_SEARCH_CHARS:
-        raise _invalid("query", f"A search is at most {MAX_SEARCH_CHARS} characters long.")
-    if _has_control(query):
-        raise _invalid("query", "A search must not contain control characters.")
+    limit, offset = _query_int("limit", PAGE_LIMIT), _query_int("offset", OFFSET)
+    _search_text(query)
     with db.connection() as conn:
         rows = find_users(conn, _search_fold(query), limit, offset, db.search_index)
     return {"users": [_user_json(row) for row in rows]}
@@ -1552,14 +1566,15 @@ def _message_json(conn, message_id):
     return conn.execute("SELECT json FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
 
 
-def _message_row(conn, chat_id, message_id):
-    """A message of this chat, or raise message_not_found."""
-    row = conn.execute(
+def _chat_message(conn, me, chat_id, message_id):
+    """A chat of `me` and a message of it, or raise chat_not_found or message_not_found."""
+    chat = _chat_row(conn, me, chat_id)
+    message = conn.execute(
         "SELECT * FROM messages WHERE id = ? AND chat_id = ?", (message_id, chat_id)
     ).fetchone()
-    if row is None:
+    if message is None:
         raise error(400, "message_not_found", "There is no message with this id in this chat.")
-    return row
+    return chat, message
 
 
 def _change_text(conn, message_id, text, edited_at):
@@ -1606,14 +1621,12 @@ def send_message(app, db, me, chat_id):
 
 
 @route("GET", "/chats/<chat_id>/messages", returns=MESSAGE_PAGE, errors=("chat_not_found",),
-       query={"limit": PAGE_LIMIT, "before": ID,
-              "after": {"type": "integer", "minimum": 0, "maximum": MAX_ID}})
+       query={"limit": PAGE_LIMIT, "before": ID, "after": AFTER})
 def list_messages(db, me, chat_id):
     """A page of a chat's messages, oldest first: the newest, or ?before= / ?after= a message id."""
     chat_id = _path_id(chat_id)
-    limit = _query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    before = _query_int("before", None, 1, MAX_ID)
-    after = _query_int("after", None, 0, MAX_ID)
+    limit = _query_int("limit", PAGE_LIMIT)
+    before, after = _query_int("before", ID), _query_int("after", AFTER)
     if before is not None and after is not None:
         raise _invalid("before", "Give at most one of 'before' and 'after'.")
     with db.connection() as conn:
@@ -1652,8 +1665,7 @@ def edit_message(app, db, me, chat_id, message_id):
     chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
     text = _visible_text(_json_body(), "text", MAX_MESSAGE_CHARS, allowed="\n\r\t")
     with db.transaction() as conn:
-        _chat_row(conn, me, chat_id)
-        message = _message_row(conn, chat_id, message_id)
+        _, message = _chat_message(conn, me, chat_id, message_id)
         if message["author_id"] != me:
             raise error(403, "forbidden", "Only its author may edit a message.")
         if text != message["text"]:
@@ -1671,8 +1683,8 @@ def delete_message(app, db, me, chat_id, message_id):
     """Delete a message: your own, or any in a group you own. Its id is never used again."""
     chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
     with db.transaction() as conn:
-        chat = _chat_row(conn, me, chat_id)
-        author_id = _message_row(conn, chat_id, message_id)["author_id"]
+        chat, message = _chat_message(conn, me, chat_id, message_id)
+        author_id = message["author_id"]
         if author_id != me and not (chat["type"] == "group" and chat["owner_id"] == me):
             raise error(403, "forbidden", "Only its author, or the owner of a group, may delete a message.")
         # Whoever had not read it yet has one unread message fewer.
@@ -1732,8 +1744,7 @@ def _set_reaction(app, db, me, chat_id, message_id, emoji):
     """Make the caller's reaction `emoji` (None: none); the message."""
     chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
     with db.transaction() as conn:
-        _chat_row(conn, me, chat_id)
-        _message_row(conn, chat_id, message_id)
+        _chat_message(conn, me, chat_id, message_id)
         old = conn.execute("SELECT emoji FROM reactions WHERE message_id = ? AND user_id = ?",
                            (message_id, me)).fetchone()
         if emoji != (old and old["emoji"]):
@@ -1789,14 +1800,9 @@ def mark_read(app, db, me, chat_id):
 
 def _words(text):
     """The words of a text as a search sees them: folded, then runs of letters, digits and marks."""
-    words, word = [], ""
-    for c in _fold(text):
-        if unicodedata.category(c)[0] in "LNM" or unicodedata.category(c) == "Co":
-            word += c
-        elif word:
-            words.append(word)
-            word = ""
-    return words + [word] if word else words
+    # The categories of FTS5's tokenizer in schema.sql: L*, N*, M* and Co.
+    return "".join(c if unicodedata.category(c)[0] in "LNM" or unicodedata.category(c) == "Co" else " "
+                   for c in _fold(text)).split()
 
 
 def _starts_words(text, query):
@@ -1809,11 +1815,14 @@ def _starts_words(text, query):
        query={"query": _text(1, MAX_SEARCH_CHARS), "chat_id": ID, "limit": PAGE_LIMIT, "before": ID})
 def search_messages(db, me):
     """Messages in the caller's chats whose words start with every word of ?query=, newest first."""
-    query = _query_text("query")
-    chat_id = _query_int("chat_id", None, 1, MAX_ID)
-    limit = _query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    before = _query_int("before", MAX_ID, 1, MAX_ID)
-    words = _words(query)
+    if "query" not in bottle.request.query:
+        raise _missing("query")
+    query = bottle.request.query.getunicode("query") or ""  # "" when it is not UTF-8
+    if not query:
+        raise _invalid("query", f"'query' must be text of 1 to {MAX_SEARCH_CHARS} characters.")
+    words = _words(_search_text(query))
+    chat_id, limit = _query_int("chat_id", ID), _query_int("limit", PAGE_LIMIT)
+    before = _query_int("before", ID)
     if not words:
         raise _invalid("query", "A search needs a word: a letter or a digit.")
     with db.connection() as conn:
@@ -1821,7 +1830,7 @@ def search_messages(db, me):
             _chat_row(conn, me, chat_id)
     index_messages(db)
     with db.connection() as conn:
-        rows = find_messages(conn, me, words, chat_id, before, limit + 1, db.search_index)
+        rows = find_messages(conn, me, words, chat_id, before or MAX_ID, limit + 1, db.search_index)
     messages = ",".join(row[0] for row in rows[:limit])
     return _json_text(f'{{"messages":[{messages}],"has_more":{"true" if len(rows) > limit else "false"}}}')
 
@@ -1851,19 +1860,17 @@ def find_messages(conn, me, words, chat_id, before, limit, use_index=True):
     """Rows of the JSON of the newest messages in the chats of `me` whose words start with `words`."""
     if not words:
         return []
-    where = "s.rowid < ?" + (" AND m.chat_id = ?" if chat_id else "")  # rowid: FTS5 seeks to it
-    params = (before, chat_id) if chat_id else (before,)
-    if use_index:
-        # Quoted, each word is literal; the * makes it a prefix.
-        match = " AND ".join('"' + word.replace('"', '""') + '"*' for word in words)
-        where, params = "messages_search MATCH ? AND " + where, (match, *params)
+    if use_index:  # each word quoted, so taken literally; the * makes it a prefix
+        quoted = ('"' + word.replace('"', '""') + '"*' for word in words)
+        match = ("messages_search MATCH ?", " AND ".join(quoted))
     else:
-        where, params = "starts_words(s.text, ?) AND " + where, (" ".join(words), *params)
+        match = ("starts_words(s.text, ?)", " ".join(words))
     return conn.execute(
         "SELECT m.json FROM messages_search AS s JOIN messages AS m ON m.id = s.rowid"
         " JOIN chat_members AS member ON member.chat_id = m.chat_id AND member.user_id = ?"
-        " WHERE " + where + " ORDER BY s.rowid DESC LIMIT ?",
-        (me, *params, limit),
+        " WHERE " + match[0] + " AND s.rowid < ? AND (? IS NULL OR m.chat_id = ?)"  # rowid: FTS5 seeks
+        " ORDER BY s.rowid DESC LIMIT ?",
+        (me, match[1], before, chat_id, chat_id, limit),
     ).fetchall()
 
 
@@ -1943,15 +1950,12 @@ class Feed:
 
 
 @route("GET", "/updates", errors=("invalid_field",),
-       query={"offset": {"type": "integer", "minimum": 0, "default": 0},
-              "timeout": {"type": "integer", "minimum": 0, "maximum": MAX_POLL_SECONDS, "default": 0},
-              "limit": dict(PAGE_LIMIT, default=MAX_PAGE)},
+       query={"offset": OFFSET, "timeout": TIMEOUT, "limit": UPDATES_LIMIT},
        returns=_object(["updates"], updates={"type": "array", "items": _ref("Update")}))
 def get_updates(app, db, me):
     """New messages, chats and read marks since ?offset=, waiting up to ?timeout= seconds."""
-    offset = _query_int("offset", 0, 0, MAX_ID)
-    timeout = _query_int("timeout", 0, 0, MAX_POLL_SECONDS)
-    limit = _query_int("limit", MAX_PAGE, 1, MAX_PAGE)
+    offset, timeout = _query_int("offset", OFFSET), _query_int("timeout", TIMEOUT)
+    limit = _query_int("limit", UPDATES_LIMIT)
     feed = app.feed
     deadline = time.monotonic() + timeout
     with feed.waiter() as may_wait:
@@ -1965,19 +1969,19 @@ def get_updates(app, db, me):
             feed.wait(generation, min(remaining, POLL_RECHECK_SECONDS))
 
 
-@route("GET", "/updates/stream", query={"offset": {"type": "integer", "minimum": 0, "default": 0}},
-       headers={"Last-Event-ID": {"type": "integer", "minimum": 0}}, errors=("invalid_field",), returns=None,
+@route("GET", "/updates/stream", query={"offset": OFFSET}, headers={"Last-Event-ID": LAST_EVENT_ID},
+       errors=("invalid_field",), returns=None,
        media={"text/event-stream": {"type": "string", "description": "id: the update_id, event: its type,"
                                                                     " data: the Update as JSON"}})
 def stream_updates(app, db, me):
     """The same updates as Server-Sent Events, for a browser's EventSource; resumes after Last-Event-ID."""
-    offset = _query_int("offset", 0, 0, MAX_ID)
-    last_event_id = _header("Last-Event-ID", None)
-    if last_event_id is not None:  # a reconnecting EventSource: it wins over ?offset=
-        if not (last_event_id.isascii() and last_event_id.isdigit()
-                and len(last_event_id) <= MAX_ID_DIGITS and int(last_event_id) < MAX_ID):
+    offset = _query_int("offset", OFFSET)
+    header = _header("Last-Event-ID", None)
+    if header is not None:  # a reconnecting EventSource: it wins over ?offset=
+        last_event_id = _integer(header, LAST_EVENT_ID["minimum"], LAST_EVENT_ID["maximum"])
+        if last_event_id is None:
             raise _invalid("Last-Event-ID", "'Last-Event-ID' must be the id of an update.")
-        offset = int(last_event_id) + 1
+        offset = last_event_id + 1
     bottle.response.content_type = "text/event-stream; charset=utf-8"
     bottle.response.set_header("Cache-Control", "no-cache")
     if bottle.request.method == "HEAD":  # no body to stream: hold no thread for one
