@@ -109,6 +109,7 @@ STREAM_SECONDS = 60  # an event stream holds a thread, so it ends after this; th
 STREAM_HEARTBEAT_SECONDS = 15  # a comment line this often keeps proxies from closing a quiet stream
 STREAM_RETRY_MS = 1000  # how long a browser waits before it reconnects
 STREAM_BUSY_RETRY_MS = 5000  # the same, when the threads were too busy to keep a stream open
+MAX_WAITING_PER_USER = 4  # waiting polls and streams of one user, so that one cannot crowd out others
 
 # waitress, configured on purpose:
 # a body just above the largest upload reaches the app, which answers the
@@ -214,7 +215,7 @@ class Options:
 # The database
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _schema_path():
@@ -298,6 +299,7 @@ class Database:
         conn.row_factory = sqlite3.Row
         conn.create_function("fold", 1, _fold, deterministic=True)
         conn.create_function("starts_words", 2, _starts_words, deterministic=True)  # search without FTS5
+        conn.create_function("search_words", 1, _name_key, deterministic=True)  # schema.sql's upgrade
         conn.execute("PRAGMA foreign_keys = ON")  # outside any transaction, or it stays off
         conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: survives a crash of the process
         return conn
@@ -632,6 +634,13 @@ def _session(db):
     raise error(401, "not_authorized", "Log in first: no valid session cookie came with the request.")
 
 
+def _session_lives(db, session):
+    """Whether a session is still live (an open event stream asks now and then)."""
+    with db.connection() as conn:
+        return _exists(conn, "SELECT 1 FROM sessions WHERE token_hash = ? AND expires_at > ?",
+                       (session.token_hash, time.time()))
+
+
 def _set_session_cookie(options, token):
     bottle.response.set_cookie(SESSION_COOKIE, token, max_age=options.session_days * DAY_SECONDS,
                                **_cookie_attributes(options))
@@ -652,6 +661,21 @@ def _cookie_attributes(options):
 
 def _has_control(text, allowed=""):
     return any(unicodedata.category(c) == "Cc" and c not in allowed for c in text)
+
+
+def _has_visible(text):
+    """Whether text shows something: a character that is not white space, a format
+    character (zero-width spaces and joiners, direction marks, a BOM) or a combining mark."""
+    return any(not c.isspace() and unicodedata.category(c)[0] != "M" and unicodedata.category(c) != "Cf"
+               for c in text)
+
+
+# The bidirectional overrides and isolates: "\u202egnp.exe" shows as "exe.png".
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _has_bidi_control(text):
+    return not BIDI_CONTROLS.isdisjoint(text)
 
 
 def _string(body, field, required):
@@ -680,20 +704,36 @@ def _fold(text):
 
 
 def _search_fold(text):
-    """Text as a username search compares it: folded, and ё read as е, as Russian is written both ways."""
+    """Text as a search compares it: folded, and ё read as е, as Russian is written both ways."""
     return _fold(text).replace("ё", "е")
 
 
+def _search_words(text):
+    """The words of a text as a search sees them: folded, then runs of letters, digits and marks."""
+    # The categories of FTS5's tokenizer in schema.sql: L*, N*, M* and Co.
+    return "".join(c if unicodedata.category(c)[0] in "LNM" or unicodedata.category(c) == "Co" else " "
+                   for c in _search_fold(text)).split()
+
+
+def _name_key(name):
+    """A name's words, as users.name_key keeps them for a search."""
+    return " ".join(_search_words(name))
+
+
 def _visible_text(body, field, longest, allowed=""):
-    """Required text: 1 to `longest` characters, not only white space, no control characters but `allowed`."""
+    """Required text: 1 to `longest` characters, one of them visible, no control characters but
+    `allowed` (message text), or none at all and no bidirectional overrides (a group's name)."""
     value = _string(body, field, required=True)
     if _has_control(value, allowed):
         raise _invalid(field, f"'{field}' must not contain control characters"
                               + (" other than tab and newlines." if allowed else "."))
+    if not allowed and _has_bidi_control(value):
+        raise _invalid(field, f"'{field}' must not contain bidirectional overrides or isolates.")
     if not 1 <= len(value) <= longest:
         raise _invalid(field, f"'{field}' must be 1 to {longest} characters long.")
-    if value.isspace():
-        raise _invalid(field, f"'{field}' must not be only white space.")
+    if not _has_visible(value):
+        raise _invalid(field, f"'{field}' must have a visible character, not only white space"
+                              " or invisible ones.")
     return value
 
 
@@ -724,11 +764,15 @@ def _user_field(body, field, required):
     value = _string(body, field, required)
     if value is None:
         return None
+    if field == "email":  # a phone keyboard adds a space after it
+        value = value.strip()
     if field in ("email", "username"):  # names compared and shown as one form
         value = unicodedata.normalize("NFC", value)
     shortest, longest, check, rule = USER_FIELDS[field]
     if _has_control(value):
         raise _invalid(field, f"'{field}' must not contain control characters.")
+    if field in ("name", "status") and _has_bidi_control(value):
+        raise _invalid(field, f"'{field}' must not contain bidirectional overrides or isolates.")
     if not shortest <= len(value) <= longest:
         raise _invalid(field, f"'{field}' must be {shortest} to {longest} characters long.")
     if check and value and not check(value):
@@ -797,7 +841,9 @@ USER_FIELD_SCHEMAS = {  # from the rules the fields are checked by
 }
 USER_FIELD_SCHEMAS["phone"]["pattern"] = f"^{PHONE_PATTERN}$"
 SCHEMAS = {
-    "User": _object(["id", *USER_FIELDS], id=ID, **USER_FIELD_SCHEMAS),
+    "User": _object(["id", *USER_FIELDS], id=ID, **dict(USER_FIELD_SCHEMAS, email={"oneOf": [
+        USER_FIELD_SCHEMAS["email"], {"const": "", "description": "Hidden: email and phone are shown"
+                                                                  " to those the user has written to."}]})),
     "Message": _object(
         ["id", "chat_id", "author_id", "text", "created_at", "edited_at", "reactions"],
         id=ID, chat_id=ID, author_id=ID, text=TEXT, created_at=TIME,
@@ -805,12 +851,17 @@ SCHEMAS = {
         reactions={"type": "object", "description": "Each emoji in use: the ids of its users, ascending.",
                    "additionalProperties": {"type": "array", "items": ID, "minItems": 1}}),
     "Chat": _object(
-        ["id", "type", "name", "members", "owner_id", "last_message", "unread_count", "created_at"],
+        ["id", "type", "name", "members", "owner_id", "last_message", "unread_count", "last_read_id",
+         "others_read_id", "created_at"],
         id=ID, type={"type": "string", "enum": ["dialog", "group"]}, name=_text(0, MAX_CHAT_NAME_CHARS),
         members={"type": "array", "items": ID, "minItems": 1, "maxItems": MAX_GROUP_MEMBERS},
         owner_id={"oneOf": [ID, {"type": "null"}]},
         last_message={"oneOf": [_ref("Message"), {"type": "null"}]},
-        unread_count={"type": "integer", "minimum": 0}, created_at=TIME),
+        unread_count={"type": "integer", "minimum": 0},
+        last_read_id={"type": "integer", "minimum": 0, "description": "The caller's read mark (0: none)."},
+        others_read_id={"type": "integer", "minimum": 0,
+                        "description": "The highest read mark of the other members."},
+        created_at=TIME),
     "Update": {"oneOf": [
         _object(["update_id", "type", *rest], update_id=ID, type={"const": kind},
                 **fields)
@@ -824,6 +875,7 @@ SCHEMAS = {
             ("read", ["chat_id", "user_id", "message_id"], {"chat_id": ID, "user_id": ID, "message_id": ID}),
             ("chat", ["chat"], {"chat": _ref("Chat")}),
             ("chat_removed", ["chat_id"], {"chat_id": ID}),
+            ("user", ["user"], {"user": _ref("User")}),
         ]
     ]},
     "Error": {"type": "object", "required": ["error", "message"], "additionalProperties": False,
@@ -910,7 +962,34 @@ class _Context:
 
 
 def _user_json(row):
+    """The caller's own user object."""
     return {key: row[key] for key in ("id", *USER_FIELDS)}
+
+
+# Whether `viewer` may see the email and phone of `user` (SQL, of two columns
+# or parameters): they share a chat in which `user` has written.
+CONTACT_SHOWN = (
+    "({user} = {viewer} OR EXISTS (SELECT 1 FROM chat_members AS mine JOIN chat_members AS theirs"
+    " ON theirs.chat_id = mine.chat_id WHERE mine.user_id = {viewer} AND theirs.user_id = {user}"
+    " AND theirs.posted > 0))"
+)
+# Users as `viewer` sees them: {where} picks them from users AS x, and
+# USER_OBJECT writes the JSON of each.
+SHOWN_USERS = "SELECT x.*, " + CONTACT_SHOWN.format(user="x.id", viewer="{viewer}") + " AS shown" \
+              " FROM users AS x WHERE {where}"
+USER_OBJECT = ("json_object('id', id, 'email', CASE WHEN shown THEN email ELSE '' END,"
+               " 'username', username, 'name', name, 'status', status,"
+               " 'phone', CASE WHEN shown THEN phone ELSE '' END)")
+
+
+def _users_json(conn, me, user_ids):
+    """The JSON texts of these users as `me` sees them, in the order given."""
+    found = dict(conn.execute(
+        "SELECT id, " + USER_OBJECT + " FROM ("
+        + SHOWN_USERS.format(viewer="?", where="x.id IN (SELECT value FROM json_each(?))") + ")",
+        (me, me, _to_json(user_ids)),
+    ).fetchall())
+    return [found[user_id] for user_id in user_ids if user_id in found]
 
 
 def _load_user(conn, user_id):
@@ -943,10 +1022,10 @@ def _free_username(conn, base):
 def _insert_user(conn, email, username, password_hash, name="", status="", phone="", created_at=None):
     """Store a new user; their id."""
     return conn.execute(
-        "INSERT INTO users (email, email_key, username, username_key, name, status, phone,"
-        " password_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (email, _fold(email), username, _fold(username), name, status, phone, password_hash,
-         created_at or _iso(time.time())),
+        "INSERT INTO users (email, email_key, username, username_key, name, name_key, status, phone,"
+        " password_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (email, _fold(email), username, _fold(username), name, _name_key(name), status, phone,
+         password_hash, created_at or _iso(time.time())),
     ).lastrowid
 
 
@@ -979,7 +1058,7 @@ def login(app, db):
     body = _json_body()
     email = _string(body, "email", required=True)
     password = _string(body, "password", required=True)
-    user = _check_login(app.options, db, _fold(email), password)
+    user = _check_login(app.options, db, _fold(email.strip()), password)
     token = _start_session(app.options, db, user, password)
     _set_session_cookie(app.options, token)
     return _user_json(user)
@@ -1058,27 +1137,29 @@ def current_user(db, me):
        returns={"oneOf": [_ref("User"), _object(["users"], users={"type": "array", "items": _ref("User")})]},
        errors=("invalid_field", "user_not_found"))
 def get_user(db, me, user):
-    """A user by id (digits), or {"users": [...]} whose username contains the text."""
+    """A user by id (digits), or {"users": [...]} whose username or name matches the text."""
     if not user.isdecimal():
-        return _search_users(db, user)
+        return _search_users(db, me, user)
     user_id = _path_id(user)
     with db.connection() as conn:
-        row = _load_user(conn, user_id)
-    if row is None:
+        found = _users_json(conn, me, [user_id])
+    if not found:
         raise _user_not_found()
-    return _user_json(row)
+    return _json_text(found[0])
 
 
-def _search_users(db, query):
+def _search_users(db, me, query):
     limit, offset = _query_int("limit", PAGE_LIMIT), _query_int("offset", OFFSET)
     _search_text(query)
     with db.connection() as conn:
         rows = find_users(conn, _search_fold(query), limit, offset, db.search_index)
-    return {"users": [_user_json(row) for row in rows]}
+        users = _users_json(conn, me, [row["id"] for row in rows])
+    return _json_text('{"users":[' + ",".join(users) + "]}")
 
 
 def find_users(conn, key, limit, offset, use_index=True):
-    """Users whose search key contains `key` (from _search_fold): exact, then prefix, then the rest."""
+    """Users whose username contains `key` (from _search_fold), or with a name word starting
+    with it: the exact username, then usernames starting with it, then names, then the rest."""
     end = offset + limit
     # The exact and the prefix matches come in order from the search key's index.
     rows = conn.execute(
@@ -1089,34 +1170,43 @@ def find_users(conn, key, limit, offset, use_index=True):
         " ORDER BY search_key, username_key LIMIT ?",
         (key, key + "\U0010ffff", end),  # every string that starts with key sorts in between
     ).fetchall()
+    # A name word can start with the key only if the key is one word.
+    one_word = _search_words(key) == [key]
+    if len(rows) < end and one_word:
+        rows += _find_matches(
+            conn, "users_names", '"' + key + '"*', "instr(' ' || u.name_key, ' ' || ?) > 0"
+            " AND NOT (u.search_key >= ? AND u.search_key < ?)", (key, key, key + "\U0010ffff"),
+            end - len(rows), use_index)
     if len(rows) < end:
-        rows += _find_inner_matches(conn, key, end - len(rows), use_index)
+        # A quoted FTS5 string: every character in it is literal.
+        rows += _find_matches(
+            conn, "users_search", '"' + key.replace('"', '""') + '"', "instr(u.search_key, ?) > 1"
+            " AND NOT (? AND instr(' ' || u.name_key, ' ' || ?) > 0)", (key, one_word, key),
+            end - len(rows), use_index and len(key) >= 3)
     return rows[offset:end]
 
 
-def _find_inner_matches(conn, key, count, use_index):
-    """The first `count` users, by search key, that contain `key` but do not start with it."""
-    if use_index and len(key) >= 3:
-        # A quoted FTS5 string: every character in it is literal.
-        phrase = '"' + key.replace('"', '""') + '"'
+def _find_matches(conn, index, phrase, condition, params, count, use_index):
+    """The first `count` users (u), by search key, meeting an SQL condition that an FTS5
+    `index` narrows down to those that match `phrase`."""
+    if use_index:
         users = conn.execute("SELECT coalesce(max(id), 0) FROM users").fetchone()[0]
         most = max(SORTED_SEARCH_MATCHES, users // SORTED_SEARCH_SHARE)
         matches = conn.execute(
-            "SELECT count(*) FROM (SELECT 1 FROM users_search WHERE users_search MATCH ? LIMIT ?)",
+            f"SELECT count(*) FROM (SELECT 1 FROM {index} WHERE {index} MATCH ? LIMIT ?)",
             (phrase, most + 1),
         ).fetchone()[0]
         if matches <= most:
             return conn.execute(
-                "SELECT u.* FROM users_search JOIN users AS u ON u.id = users_search.rowid"
-                " WHERE users_search MATCH ? AND instr(u.search_key, ?) > 1"
-                " ORDER BY u.search_key, u.username_key LIMIT ?",
-                (phrase, key, count),
+                f"SELECT u.* FROM {index} JOIN users AS u ON u.id = {index}.rowid"
+                f" WHERE {index} MATCH ? AND {condition} ORDER BY u.search_key, u.username_key LIMIT ?",
+                (phrase, *params, count),
             ).fetchall()
     # Many matches, or no index: walk the search key's index in order and
     # stop when the page is full. instr() takes % _ \ literally, unlike LIKE.
     return conn.execute(
-        "SELECT * FROM users WHERE instr(search_key, ?) > 1 ORDER BY search_key, username_key LIMIT ?",
-        (key, count),
+        f"SELECT * FROM users AS u WHERE {condition} ORDER BY u.search_key, u.username_key LIMIT ?",
+        (*params, count),
     ).fetchall()
 
 
@@ -1133,15 +1223,19 @@ def edit_user(app, db, session, user):
     password_hash = hash_password(password, app.options.password_iterations) if password else None
     with db.transaction() as conn:
         _taken(conn, fields["email"], fields["username"], except_id=user_id)
-        conn.execute(
-            "UPDATE users SET email = ?, email_key = ?, username = ?, username_key = ?,"
-            " name = ?, status = ?, phone = ? WHERE id = ?",
-            (fields["email"], _fold(fields["email"]), fields["username"],
-             _fold(fields["username"]), fields["name"], fields["status"], fields["phone"], user_id),
-        )
+        if _user_json(_load_user(conn, user_id)) != {"id": user_id, **fields}:
+            conn.execute(
+                "UPDATE users SET email = ?, email_key = ?, username = ?, username_key = ?,"
+                " name = ?, name_key = ?, status = ?, phone = ? WHERE id = ?",
+                (fields["email"], _fold(fields["email"]), fields["username"], _fold(fields["username"]),
+                 fields["name"], _name_key(fields["name"]), fields["status"], fields["phone"], user_id),
+            )
+            _tell_contacts(conn, app.feed, user_id)
         if password_hash:
             _change_password(conn, session, password_hash)
-        return _user_json(_load_user(conn, user_id))
+        user = _user_json(_load_user(conn, user_id))
+    app.feed.publish()
+    return user
 
 
 def _check_own_profile(db, me, user_id):
@@ -1165,6 +1259,14 @@ def _profile(body, user_id):
     fields = {field: _user_field(body, field, field in ("email", "username")) or ""
               for field in USER_FIELDS}
     return fields, _password(body, required=False)
+
+
+def _tell_contacts(conn, feed, user_id):
+    """A `user` update for a user whose profile or avatar changed, and for all who share a chat."""
+    users = conn.execute(
+        "SELECT DISTINCT others.user_id FROM chat_members AS mine JOIN chat_members AS others"
+        " ON others.chat_id = mine.chat_id WHERE mine.user_id = ?", (user_id,)).fetchall()
+    feed.add(conn, dict.fromkeys({user_id, *(row[0] for row in users)}, Event("user", user_id)))
 
 
 def _change_password(conn, session, password_hash):
@@ -1231,14 +1333,18 @@ def upload_photo(app, db, me):
             " etag = excluded.etag, data = excluded.data",
             (me, content_type, etag, data),
         )
+        _tell_contacts(conn, app.feed, me)
+    app.feed.publish()
     return {"url": f"/photos/{me}"}
 
 
 @route("DELETE", "/photos")
-def delete_photo(db, me):
+def delete_photo(app, db, me):
     """Delete the caller's avatar; the generated default takes its place."""
     with db.transaction() as conn:
-        conn.execute("DELETE FROM photos WHERE user_id = ?", (me,))
+        if conn.execute("DELETE FROM photos WHERE user_id = ?", (me,)).rowcount:
+            _tell_contacts(conn, app.feed, me)
+    app.feed.publish()
     return {}
 
 
@@ -1307,6 +1413,9 @@ CHAT_QUERY = """
                'owner_id', c.owner_id,
                'last_message', json(message.json),
                'unread_count', m.unread_count,
+               'last_read_id', m.last_read_id,
+               'others_read_id', (SELECT coalesce(max(last_read_id), 0) FROM chat_members
+                                   WHERE chat_id = c.id AND user_id <> m.user_id),
                'created_at', c.created_at) AS chat
       FROM chat_members AS m
       JOIN chats AS c ON c.id = m.chat_id
@@ -1339,10 +1448,6 @@ def _chat_text(conn, me, chat_id):
     return row[0]
 
 
-def _load_chat(conn, me, chat_id):
-    return json.loads(_chat_text(conn, me, chat_id))
-
-
 def _chat_row(conn, me, chat_id):
     """A chat `me` is a member of, or raise chat_not_found (also when `me` is not in it)."""
     row = conn.execute(
@@ -1368,9 +1473,9 @@ def _member_ids(conn, chat_id):
         "SELECT user_id FROM chat_members WHERE chat_id = ? ORDER BY user_id", (chat_id,))]
 
 
-def _chat_events(conn, chat_id, users):
-    """A `chat` update for each of `users`, the chat as each of them sees it."""
-    return {user: {"type": "chat", "chat": _load_chat(conn, user, chat_id)} for user in users}
+def _chat_events(chat_id, users):
+    """A `chat` update for each of `users` (each reads the chat as they see it)."""
+    return dict.fromkeys(users, Event("chat", chat_id))
 
 
 def _other_members(body, me):
@@ -1424,10 +1529,10 @@ def _open_dialog(app, db, me, other):
                 "INSERT INTO chat_members (chat_id, user_id) VALUES (?, ?)",
                 [(chat_id, low), (chat_id, high)],
             )
-            app.feed.add(conn, _chat_events(conn, chat_id, (low, high)))
-        chat = _load_chat(conn, me, chat_id)
+            app.feed.add(conn, _chat_events(chat_id, (low, high)))
+        chat = _chat_text(conn, me, chat_id)
     app.feed.publish()
-    return chat
+    return _json_text(chat)
 
 
 def _create_group(app, db, me, name, others):
@@ -1446,22 +1551,25 @@ def _create_group(app, db, me, name, others):
             "INSERT INTO chat_members (chat_id, user_id, joined) VALUES (?, ?, ?)",
             [(chat_id, user, joined) for joined, user in enumerate(members)],
         )
-        app.feed.add(conn, _chat_events(conn, chat_id, members))
-        chat = _load_chat(conn, me, chat_id)
+        app.feed.add(conn, _chat_events(chat_id, members))
+        chat = _chat_text(conn, me, chat_id)
     app.feed.publish()
-    return chat
+    return _json_text(chat)
 
 
-@route("GET", "/chats", returns=_object(["chats"], chats={"type": "array", "items": _ref("Chat")}))
+@route("GET", "/chats", returns=_object(["chats", "next_offset"], chats={"type": "array", "items": _ref("Chat")},
+                                        next_offset=OFFSET))
 def list_chats(db, me):
-    """The caller's chats, most recent activity first."""
+    """The caller's chats, most recent activity first, and the updates offset that follows them."""
     with db.connection() as conn:
-        chats = conn.execute(
-            "SELECT group_concat(chat, ',') FROM (" + CHAT_QUERY + " WHERE m.user_id = ?"
+        # One statement, one snapshot: the offset is of the same moment as the chats.
+        chats, next_offset = conn.execute(
+            "SELECT group_concat(chat, ','), (SELECT coalesce(max(id), 0) + 1 FROM updates) FROM ("
+            + CHAT_QUERY + " WHERE m.user_id = ?"
             " ORDER BY coalesce(c.last_message_id, c.opened_after) DESC, c.id DESC)",
             (me,),
-        ).fetchone()[0]
-    return _json_text('{"chats":[' + (chats or "") + "]}")
+        ).fetchone()
+    return _json_text('{"chats":[' + (chats or "") + f'],"next_offset":{next_offset}}}')
 
 
 @route("GET", "/chats/<chat_id>", returns=_ref("Chat"), errors=("chat_not_found",))
@@ -1470,6 +1578,17 @@ def get_chat(db, me, chat_id):
     chat_id = _path_id(chat_id)
     with db.connection() as conn:
         return _json_text(_chat_text(conn, me, chat_id))
+
+
+@route("GET", "/chats/<chat_id>/members", returns=_object(["users"], users={"type": "array", "items": _ref("User")}),
+       errors=("chat_not_found",))
+def list_members(db, me, chat_id):
+    """The members of one of the caller's chats, as users, by ascending id."""
+    chat_id = _path_id(chat_id)
+    with db.connection() as conn:
+        _chat_row(conn, me, chat_id)
+        users = _users_json(conn, me, _member_ids(conn, chat_id))
+    return _json_text('{"users":[' + ",".join(users) + "]}")
 
 
 @route("PUT", "/chats/<chat_id>", body=_body(["name"], name=NAME), returns=_ref("Chat"),
@@ -1482,10 +1601,10 @@ def rename_chat(app, db, me, chat_id):
         chat = _group_row(conn, me, chat_id)
         if name != chat["name"]:
             conn.execute("UPDATE chats SET name = ? WHERE id = ?", (name, chat_id))
-            app.feed.add(conn, _chat_events(conn, chat_id, _member_ids(conn, chat_id)))
-        renamed = _load_chat(conn, me, chat_id)
+            app.feed.add(conn, _chat_events(chat_id, _member_ids(conn, chat_id)))
+        renamed = _chat_text(conn, me, chat_id)
     app.feed.publish()
-    return renamed
+    return _json_text(renamed)
 
 
 @route("POST", "/chats/<chat_id>/members", body=USER_ID_BODY, returns=_ref("Chat"),
@@ -1503,16 +1622,18 @@ def add_member(app, db, me, chat_id):
             if len(members) >= MAX_GROUP_MEMBERS:
                 raise _invalid("user_id", f"The group already has {MAX_GROUP_MEMBERS} members.")
             # A new member has read everything there is: nothing is unread.
+            # A former member's messages stay in the group, and count again.
             conn.execute(
-                "INSERT INTO chat_members (chat_id, user_id, joined, last_read_id) VALUES (?, ?,"
+                "INSERT INTO chat_members (chat_id, user_id, joined, last_read_id, posted) VALUES (?, ?,"
                 " (SELECT max(joined) + 1 FROM chat_members WHERE chat_id = ?),"
-                " (SELECT coalesce(last_message_id, 0) FROM chats WHERE id = ?))",
-                (chat_id, user_id, chat_id, chat_id),
+                " (SELECT coalesce(last_message_id, 0) FROM chats WHERE id = ?),"
+                " (SELECT count(*) FROM messages WHERE chat_id = ? AND author_id = ?))",
+                (chat_id, user_id, chat_id, chat_id, chat_id, user_id),
             )
-            app.feed.add(conn, _chat_events(conn, chat_id, [*members, user_id]))
-        chat = _load_chat(conn, me, chat_id)
+            app.feed.add(conn, _chat_events(chat_id, [*members, user_id]))
+        chat = _chat_text(conn, me, chat_id)
     app.feed.publish()
-    return chat
+    return _json_text(chat)
 
 
 @route("DELETE", "/chats/<chat_id>/members/<user_id>", returns={"oneOf": [EMPTY, _ref("Chat")]},
@@ -1529,9 +1650,9 @@ def remove_member(app, db, me, chat_id, user_id):
             if user_id != me and chat["owner_id"] != me:
                 raise error(403, "forbidden", "Only the group's owner may remove other members.")
             _leave_group(conn, app.feed, chat, user_id, members)
-        group = None if user_id == me else _load_chat(conn, me, chat_id)
+        group = None if user_id == me else _chat_text(conn, me, chat_id)
     app.feed.publish()
-    return {} if group is None else group
+    return {} if group is None else _json_text(group)
 
 
 def _leave_group(conn, feed, chat, user_id, members):
@@ -1540,7 +1661,7 @@ def _leave_group(conn, feed, chat, user_id, members):
     chat_id = chat["id"]
     conn.execute("DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?", (chat_id, user_id))
     remaining = [member for member in members if member != user_id]
-    events = {user_id: {"type": "chat_removed", "chat_id": chat_id}}
+    events = {user_id: Event("chat_removed", payload={"chat_id": chat_id})}
     if remaining:
         if chat["owner_id"] == user_id:
             conn.execute(
@@ -1548,7 +1669,7 @@ def _leave_group(conn, feed, chat, user_id, members):
                 " ORDER BY joined, user_id LIMIT 1) WHERE id = ?",
                 (chat_id, chat_id),
             )
-        events.update(_chat_events(conn, chat_id, remaining))
+        events.update(_chat_events(chat_id, remaining))
     else:
         conn.execute("DELETE FROM messages_search WHERE rowid IN"
                      " (SELECT id FROM messages WHERE chat_id = ?)", (chat_id,))
@@ -1580,7 +1701,9 @@ def _chat_message(conn, me, chat_id, message_id):
 def _change_text(conn, message_id, text, edited_at):
     """Store a message's new text, and the words a search finds it by if it is indexed yet."""
     conn.execute("UPDATE messages SET text = ?, edited_at = ? WHERE id = ?", (text, edited_at, message_id))
-    conn.execute("UPDATE messages_search SET text = ? WHERE rowid = ?", (_fold(text), message_id))
+    chat_id = conn.execute("SELECT chat_id FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
+    conn.execute("UPDATE messages_search SET words = ? WHERE rowid = ?",
+                 (_indexed_words(chat_id, text), message_id))
 
 
 def _insert_message(conn, chat_id, author_id, text, created_at):
@@ -1606,16 +1729,18 @@ def send_message(app, db, me, chat_id):
         _chat_row(conn, me, chat_id)
         message_id = _insert_message(conn, chat_id, me, text, _iso(time.time()))
         conn.execute("UPDATE chats SET last_message_id = ? WHERE id = ?", (message_id, chat_id))
-        # The author has read up to here; every other member has one more unread.
+        # The author has read up to here, and written once more; every other
+        # member has one more unread.
         conn.execute(
             "UPDATE chat_members SET"
             " last_read_id = CASE WHEN user_id = ? THEN ? ELSE last_read_id END,"
-            " unread_count = CASE WHEN user_id = ? THEN 0 ELSE unread_count + 1 END"
+            " unread_count = CASE WHEN user_id = ? THEN 0 ELSE unread_count + 1 END,"
+            " posted = posted + (user_id = ?)"
             " WHERE chat_id = ?",
-            (me, message_id, me, chat_id),
+            (me, message_id, me, me, chat_id),
         )
         message = _message_json(conn, message_id)
-        app.feed.add(conn, _to_members(conn, chat_id, {"type": "message", "message": json.loads(message)}))
+        app.feed.add(conn, _to_members(conn, chat_id, Event("message", message_id)))
     app.feed.publish()
     return _json_text(message)
 
@@ -1670,8 +1795,7 @@ def edit_message(app, db, me, chat_id, message_id):
             raise error(403, "forbidden", "Only its author may edit a message.")
         if text != message["text"]:
             _change_text(conn, message_id, text, _iso(time.time()))
-            edited = json.loads(_message_json(conn, message_id))
-            app.feed.add(conn, _to_members(conn, chat_id, {"type": "message_edited", "message": edited}))
+            app.feed.add(conn, _to_members(conn, chat_id, Event("message_edited", message_id)))
         message = _message_json(conn, message_id)
     app.feed.publish()
     return _json_text(message)
@@ -1693,22 +1817,27 @@ def delete_message(app, db, me, chat_id, message_id):
             " WHERE chat_id = ? AND user_id <> ? AND last_read_id < ?",
             (chat_id, author_id, message_id),
         )
+        conn.execute("UPDATE chat_members SET posted = posted - 1 WHERE chat_id = ? AND user_id = ?",
+                     (chat_id, author_id))
         conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
         conn.execute("DELETE FROM messages_search WHERE rowid = ?", (message_id,))
         conn.execute("UPDATE chats SET last_message_id = (SELECT max(id) FROM messages WHERE chat_id = ?)"
                      " WHERE id = ?", (chat_id, chat_id))
-        event = {"type": "message_deleted", "chat_id": chat_id, "message_id": message_id}
+        event = Event("message_deleted", payload={"chat_id": chat_id, "message_id": message_id})
         app.feed.add(conn, _to_members(conn, chat_id, event))
     app.feed.publish()
     return {}
 
 
 def _emoji(body):
-    emoji = _string(body, "emoji", required=True)
+    """A reaction: NFC, so that a composed and a decomposed é are one reaction."""
+    emoji = unicodedata.normalize("NFC", _string(body, "emoji", required=True))
     if not 1 <= len(emoji) <= MAX_EMOJI_CHARS:
         raise _invalid("emoji", f"'emoji' must be 1 to {MAX_EMOJI_CHARS} characters long.")
     if _has_control(emoji) or any(c.isspace() for c in emoji):
         raise _invalid("emoji", "'emoji' must not contain white space or control characters.")
+    if not _has_visible(emoji):
+        raise _invalid("emoji", "'emoji' must have a visible character.")
     return emoji
 
 
@@ -1757,8 +1886,8 @@ def _set_reaction(app, db, me, chat_id, message_id, emoji):
                     (message_id, me, emoji),
                 )
             _write_reactions(conn, message_id)
-            event = {"type": "reaction", "chat_id": chat_id, "message_id": message_id, "user_id": me,
-                     "emoji": emoji}
+            event = Event("reaction", payload={"chat_id": chat_id, "message_id": message_id, "user_id": me,
+                                               "emoji": emoji})
             app.feed.add(conn, _to_members(conn, chat_id, event))
         message = _message_json(conn, message_id)
     app.feed.publish()
@@ -1788,7 +1917,7 @@ def mark_read(app, db, me, chat_id):
             # The reader's other devices, and in a dialog the other member; never
             # a whole group, so a read costs the same in a group as in a dialog.
             readers = {me, chat["user_low"], chat["user_high"]} - {None}
-            event = {"type": "read", "chat_id": chat_id, "user_id": me, "message_id": message_id}
+            event = Event("read", payload={"chat_id": chat_id, "user_id": me, "message_id": message_id})
             app.feed.add(conn, dict.fromkeys(readers, event))
         unread_count = conn.execute(
             "SELECT unread_count FROM chat_members WHERE user_id = ? AND chat_id = ?", (me, chat_id)
@@ -1798,16 +1927,15 @@ def mark_read(app, db, me, chat_id):
     return {"unread_count": unread_count}
 
 
-def _words(text):
-    """The words of a text as a search sees them: folded, then runs of letters, digits and marks."""
-    # The categories of FTS5's tokenizer in schema.sql: L*, N*, M* and Co.
-    return "".join(c if unicodedata.category(c)[0] in "LNM" or unicodedata.category(c) == "Co" else " "
-                   for c in _fold(text)).split()
+def _indexed_words(chat_id, text):
+    """A message's words as the search index keeps them, each after its chat's id and "x"."""
+    return " ".join(f"{chat_id}x{word}" for word in _search_words(text))
 
 
-def _starts_words(text, query):
-    """Whether every word of `query` (words joined by spaces) starts a word of `text` (folded)."""
-    words = _words(text)
+def _starts_words(indexed, query):
+    """Whether every word of `query` (by spaces) starts one of the words of `indexed` (a search
+    without FTS5)."""
+    words = [word.partition("x")[2] for word in indexed.split(" ")]
     return all(any(word.startswith(part) for word in words) for part in query.split(" "))
 
 
@@ -1820,7 +1948,7 @@ def search_messages(db, me):
     query = bottle.request.query.getunicode("query") or ""  # "" when it is not UTF-8
     if not query:
         raise _invalid("query", f"'query' must be text of 1 to {MAX_SEARCH_CHARS} characters.")
-    words = _words(_search_text(query))
+    words = _search_words(_search_text(query))
     chat_id, limit = _query_int("chat_id", ID), _query_int("limit", PAGE_LIMIT)
     before = _query_int("before", ID)
     if not words:
@@ -1828,55 +1956,103 @@ def search_messages(db, me):
     with db.connection() as conn:
         if chat_id is not None:
             _chat_row(conn, me, chat_id)
-    index_messages(db)
+    index_messages(db, me, chat_id)
     with db.connection() as conn:
         rows = find_messages(conn, me, words, chat_id, before or MAX_ID, limit + 1, db.search_index)
     messages = ",".join(row[0] for row in rows[:limit])
     return _json_text(f'{{"messages":[{messages}],"has_more":{"true" if len(rows) > limit else "false"}}}')
 
 
-def index_messages(db):
-    """Index the words of every message sent since the last search, in batches."""
-    new = "SELECT 1 FROM messages WHERE id > (SELECT indexed_up_to FROM search_progress)"
-    while True:
-        with db.connection() as conn:
-            if not _exists(conn, new, ()):
-                return  # the usual case: a search with nothing to write
+def _searched_chats(conn, me, chat_id):
+    """The chats a search of `me` reads: that one, or all of theirs."""
+    if chat_id is not None:
+        return [chat_id]
+    return [row[0] for row in conn.execute("SELECT chat_id FROM chat_members WHERE user_id = ?", (me,))]
+
+
+def index_messages(db, me, chat_id=None):
+    """Index the words of the messages that the chats a search reads received since the last one."""
+    # Only the searcher's chats: what a search costs must not tell them how
+    # much is written in chats they are not in.
+    with db.connection() as conn:
+        chats = conn.execute(
+            "SELECT c.id FROM chats AS c WHERE c.id IN (SELECT value FROM json_each(?)) AND EXISTS"
+            " (SELECT 1 FROM messages WHERE chat_id = c.id AND id > c.indexed_up_to)",
+            (_to_json(_searched_chats(conn, me, chat_id)),)
+        ).fetchall()
+    for (chat,) in chats:
         # A batch at a time, so that no transaction holds the write lock long
-        # (after an upgrade there may be a million messages to index).
-        with db.transaction() as conn:
-            last = conn.execute(
-                "SELECT max(id) FROM (SELECT id FROM messages WHERE id >"
-                " (SELECT indexed_up_to FROM search_progress) ORDER BY id LIMIT ?)", (SEARCH_BATCH,)
-            ).fetchone()[0]
-            if last is None:
-                return  # deleted meanwhile
-            conn.execute("INSERT INTO messages_search (rowid, text) SELECT id, fold(text) FROM messages"
-                         " WHERE id > (SELECT indexed_up_to FROM search_progress) AND id <= ?", (last,))
-            conn.execute("UPDATE search_progress SET indexed_up_to = ?", (last,))
+        # (after an upgrade a chat may have a million messages to index).
+        while True:
+            with db.transaction() as conn:
+                rows = conn.execute(
+                    "SELECT m.id, m.text FROM messages AS m JOIN chats AS c ON c.id = m.chat_id"
+                    " WHERE m.chat_id = ? AND m.id > c.indexed_up_to ORDER BY m.id LIMIT ?",
+                    (chat, SEARCH_BATCH),
+                ).fetchall()
+                if not rows:
+                    break
+                conn.executemany("INSERT INTO messages_search (rowid, words, chat_id) VALUES (?, ?, ?)",
+                                 [(row["id"], _indexed_words(chat, row["text"]), chat) for row in rows])
+                conn.execute("UPDATE chats SET indexed_up_to = ? WHERE id = ?", (rows[-1]["id"], chat))
+            if len(rows) < SEARCH_BATCH:
+                break
 
 
 def find_messages(conn, me, words, chat_id, before, limit, use_index=True):
     """Rows of the JSON of the newest messages in the chats of `me` whose words start with `words`."""
-    if not words:
+    chats = _searched_chats(conn, me, chat_id)
+    if not words or not chats:
         return []
-    if use_index:  # each word quoted, so taken literally; the * makes it a prefix
-        quoted = ('"' + word.replace('"', '""') + '"*' for word in words)
-        match = ("messages_search MATCH ?", " AND ".join(quoted))
-    else:
-        match = ("starts_words(s.text, ?)", " ".join(words))
+    if use_index:
+        # Each chat's words are apart in the index ("12xпривет"), so this
+        # reads only the words of the searcher's chats; quoted, each is
+        # taken literally, and the * makes it a prefix.
+        match = " OR ".join("(" + " AND ".join(f'"{chat}x{word}"*' for word in words) + ")"
+                            for chat in chats)
+        return conn.execute(
+            "SELECT m.json FROM messages_search AS s JOIN messages AS m ON m.id = s.rowid"
+            " WHERE messages_search MATCH ? AND s.rowid < ?"  # rowid: FTS5 seeks
+            " ORDER BY s.rowid DESC LIMIT ?",
+            (match, before, limit),
+        ).fetchall()
     return conn.execute(
         "SELECT m.json FROM messages_search AS s JOIN messages AS m ON m.id = s.rowid"
-        " JOIN chat_members AS member ON member.chat_id = m.chat_id AND member.user_id = ?"
-        " WHERE " + match[0] + " AND s.rowid < ? AND (? IS NULL OR m.chat_id = ?)"  # rowid: FTS5 seeks
+        " WHERE s.chat_id IN (SELECT value FROM json_each(?)) AND s.rowid < ? AND starts_words(s.words, ?)"
         " ORDER BY s.rowid DESC LIMIT ?",
-        (me, match[1], before, chat_id, chat_id, limit),
+        (_to_json(chats), before, " ".join(words), limit),
     ).fetchall()
 
 
 # ---------------------------------------------------------------------------
 # Updates (long polling)
 # ---------------------------------------------------------------------------
+
+
+# An update as stored: its type, the message, chat or user it shows as that
+# is when the update is read, and the rest of it (ids, an emoji) as JSON.
+Event = collections.namedtuple("Event", "type ref payload", defaults=(None, None))
+
+# A user's updates from an offset on, each as JSON text built by SQLite: a
+# message, chat or user as it is now; left out when there is nothing to show
+# (a deleted message, a chat the user has left), before the page's limit.
+UPDATES_QUERY = (
+    """SELECT id, type, body FROM (SELECT u.id, u.type,
+           '{"update_id":' || u.id || ',"type":"' || u.type || '",' || CASE
+           WHEN u.type IN ('message', 'message_edited') THEN
+               (SELECT '"message":' || msg.json || '}' FROM messages AS msg
+                  JOIN chat_members AS member ON member.chat_id = msg.chat_id AND member.user_id = u.user_id
+                 WHERE msg.id = u.ref)
+           WHEN u.type = 'chat' THEN
+               (SELECT '"chat":' || chat || '}' FROM (""" + CHAT_QUERY + """
+                 WHERE m.user_id = u.user_id AND m.chat_id = u.ref))
+           WHEN u.type = 'user' THEN
+               (SELECT '"user":' || """ + USER_OBJECT + """ || '}'
+                  FROM (""" + SHOWN_USERS.format(viewer="u.user_id", where="x.id = u.ref") + """))
+           ELSE substr(u.payload, 2) END AS body
+      FROM updates AS u WHERE u.user_id = ? AND u.id >= ? AND u.created_at >= ? ORDER BY u.id)
+     WHERE body IS NOT NULL LIMIT ?"""
+)
 
 
 class Feed:
@@ -1887,16 +2063,18 @@ class Feed:
         self.retention_seconds = retention_seconds
         self.generation = 0  # grows with every publish, so a waiter sees what it missed
         self.waiting = 0
+        self.waiting_of = collections.Counter()  # user id: their waiting polls and streams
         self.pruned_at = 0.0  # when this process last deleted expired updates
         self.closed = False
         self._changed = threading.Condition()
 
     def add(self, conn, events):
-        """Store one update per recipient ({user id: event}); now and then, prune the expired."""
+        """Store one update per recipient ({user id: Event}); now and then, prune the expired."""
         now = time.time()
         conn.executemany(
-            "INSERT INTO updates (user_id, created_at, payload) VALUES (?, ?, ?)",
-            [(user, now, _to_json(event)) for user, event in events.items()],
+            "INSERT INTO updates (user_id, created_at, type, ref, payload) VALUES (?, ?, ?, ?, ?)",
+            [(user, now, event.type, event.ref, event.payload and _to_json(event.payload))
+             for user, event in events.items()],
         )
         if now >= self.pruned_at + min(PRUNE_SECONDS, self.retention_seconds):
             self.pruned_at = now
@@ -1909,14 +2087,11 @@ class Feed:
             )
 
     def read(self, db, user_id, offset, limit):
-        """A user's updates from `offset` on, at most `limit`, the expired left out."""
+        """A user's updates from `offset` on, at most `limit`: rows of (update id, type, JSON text)."""
         with db.connection() as conn:
-            rows = conn.execute(
-                "SELECT id, payload FROM updates WHERE user_id = ? AND id >= ? AND created_at >= ?"
-                " ORDER BY id LIMIT ?",
-                (user_id, offset, time.time() - self.retention_seconds, limit),
+            return conn.execute(
+                UPDATES_QUERY, (user_id, offset, time.time() - self.retention_seconds, limit)
             ).fetchall()
-        return [dict(update_id=row["id"], **json.loads(row["payload"])) for row in rows]
 
     def publish(self):
         """Wake every waiting poll: updates were committed."""
@@ -1931,16 +2106,22 @@ class Feed:
                 self._changed.wait(timeout)
 
     @contextlib.contextmanager
-    def waiter(self):
-        """Yield whether this poll may wait: False when most threads already do."""
+    def waiter(self, user_id):
+        """Yield whether this poll may wait: False when most threads already do, or when this
+        user already has MAX_WAITING_PER_USER waiting, so that no one crowds out the others."""
         with self._changed:
-            allowed = self.waiting < self.max_waiting and not self.closed
+            allowed = (self.waiting < self.max_waiting and self.waiting_of[user_id] < MAX_WAITING_PER_USER
+                       and not self.closed)
             self.waiting += allowed
+            self.waiting_of[user_id] += allowed
         try:
             yield allowed
         finally:
             with self._changed:
                 self.waiting -= allowed
+                self.waiting_of[user_id] -= allowed
+                if not self.waiting_of[user_id]:
+                    del self.waiting_of[user_id]
 
     def close(self):
         """End every wait now and refuse new ones (the server is stopping)."""
@@ -1956,15 +2137,17 @@ def get_updates(app, db, me):
     """New messages, chats and read marks since ?offset=, waiting up to ?timeout= seconds."""
     offset, timeout = _query_int("offset", OFFSET), _query_int("timeout", TIMEOUT)
     limit = _query_int("limit", UPDATES_LIMIT)
+    if bottle.request.method == "HEAD":  # no body to wait for: hold no thread
+        timeout = 0
     feed = app.feed
     deadline = time.monotonic() + timeout
-    with feed.waiter() as may_wait:
+    with feed.waiter(me) as may_wait:
         while True:
             generation = feed.generation
             updates = feed.read(db, me, offset, limit)
             remaining = deadline - time.monotonic()
             if updates or not may_wait or remaining <= 0 or feed.closed:
-                return {"updates": updates}
+                return _json_text('{"updates":[' + ",".join(update["body"] for update in updates) + "]}")
             # No connection is held while waiting: it went back to the pool.
             feed.wait(generation, min(remaining, POLL_RECHECK_SECONDS))
 
@@ -1973,7 +2156,7 @@ def get_updates(app, db, me):
        errors=("invalid_field",), returns=None,
        media={"text/event-stream": {"type": "string", "description": "id: the update_id, event: its type,"
                                                                     " data: the Update as JSON"}})
-def stream_updates(app, db, me):
+def stream_updates(app, db, session):
     """The same updates as Server-Sent Events, for a browser's EventSource; resumes after Last-Event-ID."""
     offset = _query_int("offset", OFFSET)
     header = _header("Last-Event-ID", None)
@@ -1986,25 +2169,27 @@ def stream_updates(app, db, me):
     bottle.response.set_header("Cache-Control", "no-cache")
     if bottle.request.method == "HEAD":  # no body to stream: hold no thread for one
         return ""
-    return _event_stream(app.feed, db, me, offset, app.options)
+    return _event_stream(app.feed, db, session, offset, app.options)
 
 
-def _event_stream(feed, db, me, offset, options):
-    """Yield a user's updates from `offset` on as events, until the stream's time is up."""
+def _event_stream(feed, db, session, offset, options):
+    """Yield a user's updates from `offset` on as events, until the stream's time or session is up."""
     # Runs after the handler has returned, so it takes everything as arguments.
-    with feed.waiter() as may_wait:
+    with feed.waiter(session.user_id) as may_wait:
         yield f"retry: {STREAM_RETRY_MS}\n\n"
         started = written = time.monotonic()
         while True:
             generation = feed.generation
-            updates = feed.read(db, me, offset, MAX_PAGE)
+            if not _session_lives(db, session):  # logged out, a new password, or expired
+                return
+            updates = feed.read(db, session.user_id, offset, MAX_PAGE)
             for update in updates:
-                yield f"id: {update['update_id']}\nevent: {update['type']}\ndata: {_to_json(update)}\n\n"
+                yield f"id: {update['id']}\nevent: {update['type']}\ndata: {update['body']}\n\n"
             now = time.monotonic()
             if updates:
-                offset, written = updates[-1]["update_id"] + 1, now
+                offset, written = updates[-1]["id"] + 1, now
                 continue
-            if not may_wait:  # most threads are waiting already: come back later
+            if not may_wait:  # most threads, or this user's share, are waiting already: come back later
                 yield f"retry: {STREAM_BUSY_RETRY_MS}\n\n"
                 return
             if feed.closed or now - started >= options.stream_seconds:
@@ -2104,7 +2289,8 @@ def seed_demo(app):
         conn.execute(
             "UPDATE chat_members SET unread_count = (SELECT count(*) FROM messages AS m"
             " WHERE m.chat_id = chat_members.chat_id AND m.id > chat_members.last_read_id"
-            " AND m.author_id <> chat_members.user_id)"
+            " AND m.author_id <> chat_members.user_id), posted = (SELECT count(*) FROM messages AS m"
+            " WHERE m.chat_id = chat_members.chat_id AND m.author_id = chat_members.user_id)"
         )
     return True
 
@@ -2159,7 +2345,6 @@ def reset_database(app, db):
         conn.execute("DELETE FROM users")  # with no rows left, ids start at 1 again
         conn.execute("DELETE FROM chats")
         conn.execute("DELETE FROM messages_search")
-        conn.execute("UPDATE search_progress SET indexed_up_to = 0")
         conn.execute("DELETE FROM login_failures")
         conn.execute("DELETE FROM sqlite_sequence")  # message ids too
     if app.options.demo:

@@ -1,4 +1,4 @@
--- The messenger database, schema version 2.
+-- The messenger database, schema version 3.
 --
 -- messenger.py runs this file in parts, each inside one transaction: on a
 -- new database (user_version 0) everything up to "-- upgrades", then the
@@ -15,6 +15,8 @@ CREATE TABLE IF NOT EXISTS users (
     -- what a search compares: Russian is written with and without ё
     search_key    TEXT GENERATED ALWAYS AS (replace(username_key, 'ё', 'е')) VIRTUAL,
     name          TEXT NOT NULL DEFAULT '',
+    -- the name's words as a search compares them (folded, ё read as е), by spaces
+    name_key      TEXT NOT NULL DEFAULT '',
     status        TEXT NOT NULL DEFAULT '',
     phone         TEXT NOT NULL DEFAULT '',
     password_hash TEXT NOT NULL,            -- pbkdf2_sha256$iterations$salt$hash
@@ -64,6 +66,9 @@ CREATE TABLE IF NOT EXISTS chats (
     -- coalesce(last_message_id, opened_after), then by id, puts the chat
     -- with the latest activity first.
     opened_after    REAL NOT NULL,
+    -- the search index holds this chat's messages up to this id (a search
+    -- indexes the rest of the searcher's chats first)
+    indexed_up_to   INTEGER NOT NULL DEFAULT 0,
     UNIQUE (user_low, user_high),
     CHECK (type = 'group' OR user_low < user_high)
 );
@@ -77,6 +82,9 @@ CREATE TABLE IF NOT EXISTS chat_members (
     -- the other members' messages after last_read_id, kept up to date by
     -- every send, deletion and read, so that listing chats never counts messages
     unread_count INTEGER NOT NULL DEFAULT 0,
+    -- the member's messages in the chat: once they have written, the others
+    -- who share it see their email and phone
+    posted       INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (chat_id, user_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chat_members_by_user ON chat_members (user_id, chat_id);
@@ -110,26 +118,22 @@ CREATE TABLE IF NOT EXISTS reactions (
     PRIMARY KEY (message_id, user_id)
 ) WITHOUT ROWID;
 
--- How far messages_search has indexed the messages. A send does not index
--- its message: FTS5 writes a new segment at every commit, which made a
--- send half as dear again. A search first indexes, in one batch, every
--- message after this id; edits and deletions change what is indexed.
-CREATE TABLE IF NOT EXISTS search_progress (indexed_up_to INTEGER NOT NULL);
-INSERT INTO search_progress (indexed_up_to)
-    SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM search_progress);
-
 -- One row per event per recipient, for GET /updates. Ids grow with time
 -- too: old rows are pruned only after new ones are written, so the largest
--- id is never deleted.
+-- id is never deleted. A row names what it shows (a message, a chat, a
+-- user) and the feed shows it as it is when read: an edit shows in the
+-- earlier updates too, and a deleted message's updates are left out.
 CREATE TABLE IF NOT EXISTS updates (
     id         INTEGER PRIMARY KEY,
     user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     created_at REAL NOT NULL,               -- Unix time, for pruning
-    payload    TEXT NOT NULL                -- the event as JSON, without update_id
+    type       TEXT NOT NULL,
+    ref        INTEGER,                     -- the message, chat or user it shows
+    payload    TEXT                         -- the rest of the event, small JSON: ids, an emoji
 );
 CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id);
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;
 
 -- upgrades
 -- Each step brings a database from the version before it to its own.
@@ -200,6 +204,32 @@ INSERT INTO search_progress (indexed_up_to) VALUES (0);
 DELETE FROM updates;
 PRAGMA user_version = 2;
 
+-- upgrade to 3: user search matches words of names too; message search
+-- indexes each chat's words apart, so that a search reads only the
+-- searcher's chats; members count their own messages (who sees whose
+-- email and phone); updates name what they show instead of copying it.
+-- search_words() is messenger.py's, given to every connection.
+ALTER TABLE users ADD COLUMN name_key TEXT NOT NULL DEFAULT '';
+UPDATE users SET name_key = search_words(name);
+ALTER TABLE chats ADD COLUMN indexed_up_to INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE chat_members ADD COLUMN posted INTEGER NOT NULL DEFAULT 0;
+UPDATE chat_members SET posted = (SELECT count(*) FROM messages
+    WHERE chat_id = chat_members.chat_id AND author_id = chat_members.user_id);
+DROP TABLE IF EXISTS search_progress;
+DROP TABLE IF EXISTS messages_search;  -- made again below, and filled by the next searches
+-- Pending updates of version 2 hold copies: clients read their chats again.
+DROP TABLE updates;
+CREATE TABLE updates (
+    id         INTEGER PRIMARY KEY,
+    user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    created_at REAL NOT NULL,
+    type       TEXT NOT NULL,
+    ref        INTEGER,
+    payload    TEXT
+);
+CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id);
+PRAGMA user_version = 3;
+
 -- search-index
 -- What follows runs only where SQLite has FTS5 (3.34+ for trigrams); where
 -- it has not, the part after "-- no-search-index" runs instead.
@@ -225,14 +255,41 @@ END;
 -- Index the users already there (after an upgrade; on a new database, none).
 INSERT INTO users_search (users_search) VALUES ('rebuild');
 
--- The words of each message, for GET /messages, NFC-normalised and
--- casefolded by messenger.py (fold()). Words are runs of letters, digits
--- and marks. Messages are indexed in batches, up to search_progress.
+-- The words of each user's name, so a search finds the names with a word
+-- that starts with it ("борис"*).
+CREATE VIRTUAL TABLE IF NOT EXISTS users_names USING fts5 (
+    name_key, content = 'users', content_rowid = 'id',
+    tokenize = "unicode61 remove_diacritics 0 categories 'L* N* Co M*'"
+);
+CREATE TRIGGER IF NOT EXISTS users_names_insert AFTER INSERT ON users BEGIN
+    INSERT INTO users_names (rowid, name_key) VALUES (new.id, new.name_key);
+END;
+CREATE TRIGGER IF NOT EXISTS users_names_delete AFTER DELETE ON users BEGIN
+    INSERT INTO users_names (users_names, rowid, name_key) VALUES ('delete', old.id, old.name_key);
+END;
+CREATE TRIGGER IF NOT EXISTS users_names_update AFTER UPDATE OF name_key ON users BEGIN
+    INSERT INTO users_names (users_names, rowid, name_key) VALUES ('delete', old.id, old.name_key);
+    INSERT INTO users_names (rowid, name_key) VALUES (new.id, new.name_key);
+END;
+INSERT INTO users_names (users_names) VALUES ('rebuild');
+
+-- The words of each message, for GET /messages, as messenger.py writes
+-- them: folded, ё read as е, each prefixed with its chat's id and "x"
+-- ("12xпривет"), so that a search for "12xприв"* reads only chat 12's
+-- words, never those of chats the searcher is not in. Messages are indexed
+-- in batches, when someone searches (chats.indexed_up_to): FTS5 writes a
+-- new segment at every commit, which made a send half as dear again.
 CREATE VIRTUAL TABLE IF NOT EXISTS messages_search USING fts5 (
-    text, tokenize = "unicode61 remove_diacritics 0 categories 'L* N* Co M*'"
+    words, chat_id UNINDEXED, tokenize = "unicode61 remove_diacritics 0 categories 'L* N* Co M*'"
 );
 
 -- no-search-index
--- Where SQLite has no FTS5, the words of messages are kept in a plain table
--- of the same name, and searches read all of it.
-CREATE TABLE IF NOT EXISTS messages_search (rowid INTEGER PRIMARY KEY, text TEXT NOT NULL);
+-- Where SQLite has no FTS5, the same words are kept in a plain table, by
+-- chat, and a search reads all of the searcher's chats; names are searched
+-- with instr().
+CREATE TABLE IF NOT EXISTS messages_search (
+    rowid   INTEGER PRIMARY KEY,
+    words   TEXT NOT NULL,
+    chat_id INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_search_by_chat ON messages_search (chat_id, rowid);
