@@ -129,10 +129,12 @@ STOP_GRACE_SECONDS = 5
 LOCAL_ORIGIN = re.compile(r"http://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?")
 CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 CORS_MAX_AGE_SECONDS = 7200  # how long a browser may keep a preflight's answer
+MAX_WARNED_ORIGINS = 100  # origins warned about once each (localhost calling 127.0.0.1)
 
 DEMO_PASSWORD = "demo-password"
 
 BUSY_TIMEOUT_SECONDS = 10  # how long a connection waits for another process's write lock
+RETRY_AFTER_SECONDS = 5  # what a 503 tells a client when the database cannot be written
 JSON_TYPE = "application/json"
 # One encoder writes every JSON body: text as UTF-8 ("Привет", not
 # "\u041f..."), without spaces, as SQLite's json_object() writes it, so a
@@ -257,6 +259,20 @@ def _has_fts5_trigram(conn):
     return True
 
 
+class Unavailable(Exception):
+    """The database cannot be written now: its file was deleted or replaced, or its disk is full."""
+
+
+# What SQLite says when the fault is the disk's or the file's, not the code's.
+UNAVAILABLE_ERRORS = ("database or disk is full", "disk I/O error", "unable to open database file",
+                      "attempt to write a readonly database", "database is locked")
+
+
+def _is_unavailable(exc):
+    return isinstance(exc, Unavailable) or (
+        isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(UNAVAILABLE_ERRORS))
+
+
 class Database:
     """SQLite connections for one app, shared safely by the server's threads."""
 
@@ -264,6 +280,7 @@ class Database:
     # thread that waits (a long poll) holds none.
 
     def __init__(self, path):
+        self.file = None  # (device, inode) of the database file, once it is open
         if path == ":memory:":
             # Each plain ":memory:" connection gets its own empty database;
             # the memdb VFS lets all of this app's connections share one.
@@ -282,13 +299,32 @@ class Database:
         try:
             if not self.uri:
                 conn.execute("PRAGMA journal_mode = WAL")
+                # From now on the file is never created again: a connection
+                # opened after it was deleted would silently start an empty
+                # database, and one to a replaced file would write to another.
+                self.file = self._identity()
+                self.target, self.uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw", True
             self._migrate(conn)
         except BaseException:
             conn.close()
             raise
         self._idle.append(conn)
 
+    def _identity(self):
+        """The database file's (device, inode); Unavailable when it is gone."""
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            raise Unavailable(f"the database file {self.path} is gone") from None
+        return stat.st_dev, stat.st_ino
+
+    def _check_file(self):
+        """Raise Unavailable unless the database file is still the one this app opened."""
+        if self.file is not None and self._identity() != self.file:
+            raise Unavailable(f"the database file {self.path} was replaced")
+
     def _open(self):
+        self._check_file()
         conn = sqlite3.connect(
             self.target,
             uri=self.uri,
@@ -362,12 +398,13 @@ class Database:
             # on busy_timeout instead of failing with "database is locked".
             conn.execute("BEGIN IMMEDIATE")
             try:
+                self._check_file()  # writes to a deleted file would be lost
                 yield conn
+                conn.execute("COMMIT")  # a full disk may fail it: then nothing is written
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def close(self):
         """Close every idle connection, and each borrowed one when it comes back."""
@@ -468,7 +505,8 @@ def _warn_cross_site(warned, origin):
     """Warn once per origin when a page on localhost calls 127.0.0.1, or the other way round."""
     hosts = {urllib.parse.urlsplit(origin).hostname,
              urllib.parse.urlsplit("//" + _header("Host")).hostname}
-    if hosts == {"localhost", "127.0.0.1"} and origin not in warned:
+    # Bounded: an invented Origin per request must not grow the log and the set without end.
+    if hosts == {"localhost", "127.0.0.1"} and origin not in warned and len(warned) < MAX_WARNED_ORIGINS:
         warned.add(origin)
         log.warning(
             "warning: a page on %s calls this server as %s. Browsers treat localhost and "
@@ -805,7 +843,7 @@ ERROR_STATUS = {
     "username_taken": 400, "wrong_credentials": 400, "user_not_found": 400, "chat_not_found": 400,
     "message_not_found": 400, "invalid_image": 400, "not_authorized": 401, "forbidden": 403,
     "not_found": 404, "method_not_allowed": 405, "payload_too_large": 413, "too_many_attempts": 429,
-    "internal_error": 500,
+    "internal_error": 500, "unavailable": 503,
 }
 
 
@@ -825,6 +863,11 @@ def _object(required=(), **properties):
 def _body(required=(), **properties):
     """A JSON body of these properties; unknown keys are ignored, as the contract says."""
     return {"type": "object", "required": list(required), "properties": properties}
+
+
+def _nullable(schema):
+    """A field for which null means absent."""
+    return {"oneOf": [schema, {"type": "null"}]}
 
 
 def _ref(name):
@@ -896,7 +939,7 @@ LAST_EVENT_ID = {"type": "integer", "minimum": 0, "maximum": MAX_ID - 1}
 TEXT_BODY = _body(["text"], text=TEXT)
 NAME = _text(1, MAX_CHAT_NAME_CHARS, description="Not only white space; no control characters.")
 USER_ID_BODY = _body(["user_id"], user_id=ID)
-PROFILE_FIELDS = {field: {"oneOf": [schema, {"type": "null"}]} if field not in ("email", "username")
+PROFILE_FIELDS = {field: _nullable(schema) if field not in ("email", "username")
                   else schema for field, schema in USER_FIELD_SCHEMAS.items()}
 PASSWORD = _text(MIN_PASSWORD_CHARS, MAX_PASSWORD_CHARS)
 
@@ -950,13 +993,20 @@ class _Context:
 
         def with_context(**path_args):
             context = dict(given)
-            if not public:
-                session = _session(app.db)
-                if "me" in wants:
-                    context["me"] = session.user_id
-                if "session" in wants:
-                    context["session"] = session
-            return handler(**path_args, **context)
+            try:
+                if not public:
+                    session = _session(app.db)
+                    if "me" in wants:
+                        context["me"] = session.user_id
+                    if "session" in wants:
+                        context["session"] = session
+                return handler(**path_args, **context)
+            except (Unavailable, sqlite3.OperationalError) as exc:
+                if not _is_unavailable(exc):
+                    raise
+                log.error("messenger: %s", exc)
+                raise error(503, "unavailable", "The database cannot be written now; try again soon.",
+                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
 
         return with_context
 
@@ -1029,7 +1079,9 @@ def _insert_user(conn, email, username, password_hash, name="", status="", phone
     ).lastrowid
 
 
-REGISTRATION = _body(["email", "password"], **USER_FIELD_SCHEMAS, password=PASSWORD)
+REGISTRATION = _body(["email", "password"], **{field: schema if field == "email" else _nullable(schema)
+                                                for field, schema in USER_FIELD_SCHEMAS.items()},
+                     password=PASSWORD)
 REGISTRATION_ERRORS = ("missing_field", "invalid_field", "email_taken", "username_taken")
 
 
@@ -1212,7 +1264,8 @@ def _find_matches(conn, index, phrase, condition, params, count, use_index):
 
 # One path for both routes of /users/{user}, as OpenAPI wants; here it must be an id.
 @route("PUT", "/users/<user>", path_params={"user": ID},
-       body=_body(list(USER_FIELDS), id=ID, **PROFILE_FIELDS, password=PASSWORD), returns=_ref("User"),
+       body=_body(list(USER_FIELDS), id=ID, **PROFILE_FIELDS, password=_nullable(PASSWORD)),
+       returns=_ref("User"),
        errors=("missing_field", "invalid_field", "email_taken", "username_taken", "user_not_found",
                "forbidden"))
 def edit_user(app, db, session, user):
@@ -1494,7 +1547,7 @@ def _other_members(body, me):
 @route("POST", "/chats", body={"oneOf": [
     _body(["user_id"], user_id=ID),
     _body(["name"], name=NAME,
-          member_ids={"type": "array", "items": ID, "maxItems": MAX_GROUP_MEMBERS - 1})]},
+          member_ids=_nullable({"type": "array", "items": ID, "maxItems": MAX_GROUP_MEMBERS - 1}))]},
        returns=_ref("Chat"), errors=("missing_field", "invalid_field", "user_not_found"))
 def create_chat(app, db, me):
     """Open the dialog with a user ({"user_id"}), or create a group ({"name", "member_ids"})."""
@@ -1894,7 +1947,7 @@ def _set_reaction(app, db, me, chat_id, message_id, emoji):
     return _json_text(message)
 
 
-@route("POST", "/chats/<chat_id>/read", body=_body([], message_id=ID),
+@route("POST", "/chats/<chat_id>/read", body=_body([], message_id=_nullable(ID)),
        returns=_object(["unread_count"], unread_count={"type": "integer", "minimum": 0}),
        errors=("invalid_field", "chat_not_found"))
 def mark_read(app, db, me, chat_id):
@@ -2436,6 +2489,8 @@ def _operation(r, contract, operation_id):
     if contract.media and "image/*" in contract.media:
         responses["304"] = {"description": "Not modified: the If-None-Match ETag is current."}
     errors = set(contract.errors) | {"internal_error"}
+    if "db" in inspect.signature(r.callback).parameters or not contract.public:
+        errors.add("unavailable")
     if path_names or contract.query:
         errors.add("invalid_field")
     if contract.body:
@@ -2725,11 +2780,49 @@ def _parse_args(argv):
 
 
 def _use_one_core():
-    """Keep this process on one core, where the system allows it."""
+    """Keep this process on one core, the least taken, where the system allows it (MESSENGER_PIN=0: not)."""
     # waitress's threads contending for Python's lock across two cores served
     # a third as many requests as on one (see README, Performance).
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
+    if not hasattr(os, "sched_setaffinity") or os.environ.get("MESSENGER_PIN") == "0":
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {_least_taken_core(cores, _pinned_processes(cores), _busy_ticks(cores))})
+
+
+def _least_taken_core(cores, pinned, busy):
+    """The core with the fewest processes pinned to it (another messenger, say), then the least busy."""
+    return min(cores, key=lambda core: (pinned.get(core, 0), busy.get(core, 0), core))
+
+
+def _pinned_processes(cores):
+    """{core: how many other programs are pinned to it alone}, from /proc ({} elsewhere)."""
+    pinned = dict.fromkeys(cores, 0)
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                with contextlib.suppress(OSError), open(os.path.join(entry.path, "cmdline"), "rb") as f:
+                    affinity = os.sched_getaffinity(int(entry.name))
+                    # The kernel's own threads, one set per core, have no command line.
+                    if len(affinity) == 1 and affinity <= pinned.keys() and f.read(1):
+                        pinned[min(affinity)] += 1
+    return pinned
+
+
+def _busy_ticks(cores, seconds=0.05):
+    """{core: the clock ticks it spent busy over a short look}, from /proc/stat ({} elsewhere)."""
+    def sample():
+        ticks = {}
+        with contextlib.suppress(OSError), open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+                    values = [int(field) for field in fields]
+                    ticks[int(name[3:])] = sum(values) - values[3] - values[4]  # all but idle and iowait
+        return ticks
+    before = sample()
+    time.sleep(seconds)
+    after = sample()
+    return {core: after[core] - before.get(core, 0) for core in after}
 
 
 def main(argv=None):

@@ -621,6 +621,37 @@ def test_register_makes_username_from_email(api, email, username):
     assert api.post_json("/users", {"email": email, "password": PASSWORD}).json["username"] == username
 
 
+def test_register_and_login_trim_white_space_around_the_email(api):
+    user = api.post_json("/users", {"email": " ann@example.com\u00a0", "password": PASSWORD}).json
+    api.post_json("/login", {"email": "ann@example.com ", "password": PASSWORD})
+    assert (user["email"], api.get("/users").json["id"]) == ("ann@example.com", user["id"])
+
+
+INVISIBLE = ["\u200b", "\u200d", "\u200e", "\ufeff", "\u0301", " \u200b\u2060 ", "\u3000\u200c"]
+
+
+@pytest.mark.parametrize("text", INVISIBLE)
+def test_send_invisible_text_is_invalid(ann, chat, text):
+    response = ann.post_json(f"/chats/{chat['id']}/messages", {"text": text}, status=400)
+    assert error(response) == ("invalid_field", "text")
+
+
+@pytest.mark.parametrize("name", [*INVISIBLE, "\u202egnp.exe", "a\u2066b", "a\u2069"])
+def test_group_name_invisible_or_with_bidi_overrides_is_invalid(ann, name):
+    assert error(ann.post_json("/chats", {"name": name}, status=400)) == ("invalid_field", "name")
+
+
+@pytest.mark.parametrize("field", ["name", "status"])
+@pytest.mark.parametrize("value", ["\u202eAnn", "Ann\u202a", "\u2067x\u2069"])
+def test_profile_bidi_overrides_are_invalid(api, field, value):
+    response = api.post_json("/users", {"email": "a@b.c", "password": PASSWORD, field: value}, status=400)
+    assert error(response) == ("invalid_field", field)
+
+
+def test_text_with_a_visible_character_and_marks_is_accepted(ann, chat):
+    assert send(ann, chat["id"], "\u200bé\u0301")["text"] == "\u200bé\u0301"
+
+
 def test_register_numbers_a_taken_username(api):
     api.post_json("/users", {"email": "ann@one.com", "password": PASSWORD})
     api.post_json("/users", {"email": "x@one.com", "password": PASSWORD, "username": "ANN3"})
@@ -705,6 +736,70 @@ def test_get_user_unknown_id(ann):
     assert error(ann.get("/users/999", status=400)) == ("user_not_found", None)
 
 
+def contacts(client, other):
+    """The email and phone `client` sees of `other`, by id and by search."""
+    by_id = client.get(f"/users/{other.user['id']}").json
+    found = client.get("/users/" + other.user["username"]).json["users"][0]
+    assert (found["email"], found["phone"]) == (by_id["email"], by_id["phone"])
+    return by_id["email"], by_id["phone"]
+
+
+@pytest.fixture
+def dan(login):
+    return login("dan@example.com", username="dan", phone="+1 555 0100")
+
+
+def test_contacts_hidden_from_a_stranger(ann, dan):
+    assert contacts(ann, dan) == ("", "")
+
+
+def test_contacts_hidden_when_only_a_dialog_is_opened(ann, dan):
+    ann.post_json("/chats", {"user_id": dan.user["id"]})
+    dan.post_json("/chats", {"user_id": ann.user["id"]})
+    assert contacts(ann, dan) == ("", "")
+
+
+def test_contacts_shown_to_whom_one_has_written(ann, dan):
+    chat = dan.post_json("/chats", {"user_id": ann.user["id"]}).json
+    send(dan, chat["id"], "Hi Ann")
+    assert (contacts(ann, dan), contacts(dan, ann)) == (("dan@example.com", "+1 555 0100"), ("", ""))
+
+
+def test_contacts_hidden_from_group_members_until_they_write(ann, bob, dan):
+    group = make_group(ann, "Trip", bob, dan)
+    assert contacts(bob, dan) == ("", "")
+    send(dan, group["id"], "Hello all")
+    assert contacts(bob, dan) == ("dan@example.com", "+1 555 0100")
+
+
+def test_contacts_hidden_again_when_the_message_is_deleted(ann, dan):
+    chat = dan.post_json("/chats", {"user_id": ann.user["id"]}).json
+    message = send(dan, chat["id"], "Hi Ann")
+    dan.delete(f"/chats/{chat['id']}/messages/{message['id']}")
+    assert contacts(ann, dan) == ("", "")
+
+
+def test_contacts_hidden_again_when_one_leaves(ann, bob, dan):
+    group = make_group(ann, "Trip", bob, dan)
+    send(dan, group["id"], "Hello all")
+    bob.delete(f"/chats/{group['id']}/members/{bob.user['id']}")
+    assert contacts(bob, dan) == ("", "")
+
+
+def test_contacts_of_a_rejoining_member_count_their_messages(ann, bob, dan):
+    group = make_group(ann, "Trip", bob, dan)
+    send(dan, group["id"], "Hello all")
+    dan.delete(f"/chats/{group['id']}/members/{dan.user['id']}")
+    ann.post_json(f"/chats/{group['id']}/members", {"user_id": dan.user["id"]})
+    assert contacts(bob, dan) == ("dan@example.com", "+1 555 0100")
+
+
+def test_walking_ids_shows_no_contacts(ann, login):
+    users = [login(phone="123") for _ in range(3)]
+    walked = [ann.get(f"/users/{user.user['id']}").json for user in users]
+    assert {(user["email"], user["phone"]) for user in walked} == {("", "")}
+
+
 def search(client, text, **params):
     response = client.get("/users/" + urllib.request.quote(text), params=params)
     return [user["username"] for user in response.json["users"]]
@@ -722,6 +817,26 @@ def test_search_orders_exact_then_prefix_then_rest(login):
     for username in ("b_al", "al", "zal", "alb", "aal", "Al_b"):
         login(username=username)
     assert search(client, "al") == ["al", "Al_b", "alb", "aal", "b_al", "zal"]
+
+
+def test_search_finds_a_word_of_the_name(login):
+    client = login(username="zed")
+    login(username="boris", name="Борис Петров")
+    login(username="petr", name="Пётр")
+    assert (search(client, "Борис"), search(client, "петр")) == (["boris"], ["boris", "petr"])
+
+
+def test_search_orders_username_then_name_then_the_rest(login):
+    client = login(username="zed")
+    for username, name in (("xalx", ""), ("bob", "Al Bundy"), ("al2", ""), ("al", ""), ("ann", "Alice")):
+        login(username=username, name=name)
+    assert search(client, "al") == ["al", "al2", "ann", "bob", "xalx"]
+
+
+def test_search_name_words_start_with_the_text(login):
+    client = login(username="zed")
+    login(username="bob", name="Malory")
+    assert search(client, "alo") == []
 
 
 def test_search_folds_unicode_case(login):
@@ -747,6 +862,7 @@ def test_search_takes_wildcards_literally(login, text):
     assert search(client, text) == expected
 
 
+SEARCH_NAMES = ["", "Анна Петрова", "Ann-Marie", "Ёжик в тумане", "Joe User", "", "Straße 5", "a b"]
 SEARCH_USERNAMES = ["ann", "Anna", "xannx", "joanna", "ЁЖИК", "ёжик_2", "ежик3", "Пётр", "петр2",
                     "ПЁТР_ПЕТРОВ", "a_b", "a.b", "ab_c", "ANNA.B", "straße", "user100", "user1000",
                     "quote_me"]
@@ -757,15 +873,12 @@ def many_users(tmp_path_factory):
     """An app with the SEARCH_USERNAMES, and enough user<n> names that 'user' has more
     matches than are sorted: (app, every username)."""
     usernames = SEARCH_USERNAMES + [f"user{n:05}" for n in range(messenger.SORTED_SEARCH_MATCHES + 100)]
+    names = {username: SEARCH_NAMES[n % len(SEARCH_NAMES)] for n, username in enumerate(usernames)}
     app = messenger.make_app(str(tmp_path_factory.mktemp("search") / "search.db"))
     with app.db.transaction() as conn:
-        conn.executemany(
-            "INSERT INTO users (email, email_key, username, username_key, password_hash, created_at)"
-            " VALUES (?, ?, ?, ?, 'x', '')",
-            [(f"{n}@example.com", f"{n}@example.com", username, messenger._fold(username))
-             for n, username in enumerate(usernames)],
-        )
-    yield app, usernames
+        for n, username in enumerate(usernames):
+            messenger._insert_user(conn, f"{n}@example.com", username, "x", names[username])
+    yield app, usernames, names
 
 
 def test_search_index_is_built_where_sqlite_has_fts5(app):
@@ -779,15 +892,31 @@ def test_search_index_is_built_where_sqlite_has_fts5(app):
 @pytest.mark.parametrize("limit, offset", [(50, 0), (7, 3), (100, 1050)])
 @pytest.mark.parametrize("use_index", [True, False], ids=["index", "scan"])
 def test_find_users_matches_a_reference(many_users, query, limit, offset, use_index):
-    app, usernames = many_users
-    # The contract, in Python: casefolded, ё read as е; exact, then prefix,
-    # then the rest, each by search key (then by casefolded username).
-    key = query.casefold().replace("ё", "е")
-    matches = [(name.casefold().replace("ё", "е"), name.casefold()) for name in usernames]
-    reference = [name for search_key, name in sorted(
-        (m for m in matches if key in m[0]),
-        key=lambda m: (m[0] != key, not m[0].startswith(key), m),
-    )]
+    app, usernames, names = many_users
+    # The contract, in Python: casefolded, ё read as е; the exact username,
+    # then usernames starting with it, then names with a word starting with
+    # it, then usernames containing it, each by search key (then by
+    # casefolded username). Words: runs of letters, digits and marks.
+    def fold(text):
+        return text.casefold().replace("ё", "е")
+
+    def words(text):
+        return "".join(c if unicodedata.category(c)[0] in "LNM" else " " for c in fold(text)).split()
+
+    def group(username):
+        search_key = fold(username)
+        if search_key == key:
+            return 0
+        if search_key.startswith(key):
+            return 1
+        if any(word.startswith(key) for word in words(names[username])):
+            return 2
+        return 3 if key in search_key else None
+
+    key = fold(query)
+    reference = [username.casefold() for username in sorted(
+        (username for username in usernames if group(username) is not None),
+        key=lambda username: (group(username), fold(username), username.casefold()))]
     with app.db.connection() as conn:
         found = [row["username_key"] for row in
                  messenger.find_users(conn, messenger._search_fold(query), limit, offset, use_index)]
@@ -1042,6 +1171,49 @@ def test_list_chats_only_own(login, chat):
 
 def test_get_chat(ann, chat):
     assert ann.get(f"/chats/{chat['id']}").json == chat
+
+
+def test_list_chats_next_offset_brings_exactly_what_follows(ann, bob, chat):
+    send(bob, chat["id"], "before")
+    listed = ann.get("/chats").json
+    after = send(bob, chat["id"], "after")
+    assert [update["message"] for update in updates(ann, offset=listed["next_offset"])] == [after]
+
+
+def test_list_chats_next_offset_with_no_updates(login):
+    client = login()
+    assert client.get("/chats").json == {"chats": [], "next_offset": 1}
+
+
+def test_chat_read_marks_for_new_messages_and_seen(ann, bob, chat):
+    first, second = send(ann, chat["id"], "one"), send(ann, chat["id"], "two")
+    bob.post_json(f"/chats/{chat['id']}/read", {"message_id": first["id"]})
+    seen = ann.get(f"/chats/{chat['id']}").json, bob.get(f"/chats/{chat['id']}").json
+    assert [(c["last_read_id"], c["others_read_id"]) for c in seen] == [(second["id"], first["id"]),
+                                                                        (first["id"], second["id"])]
+
+
+def test_group_others_read_id_is_the_highest_other_mark(ann, bob, carol, group):
+    first, second = send(ann, group["id"], "one"), send(ann, group["id"], "two")
+    bob.post_json(f"/chats/{group['id']}/read", {"message_id": first["id"]})
+    carol.post_json(f"/chats/{group['id']}/read", {"message_id": second["id"]})
+    assert ann.get(f"/chats/{group['id']}").json["others_read_id"] == second["id"]
+
+
+def test_list_members_as_users(ann, bob, carol, group):
+    send(bob, group["id"], "hi")
+    assert carol.get(f"/chats/{group['id']}/members").json == {"users": [
+        user_json(ann.user["id"], "", "ann", "Ann Lee"), user_json(bob.user["id"], "bob@example.com", "bob"),
+        user_json(carol.user["id"], carol.user["email"], carol.user["username"])]}
+
+
+def test_list_members_of_a_dialog(ann, bob, chat):
+    assert [user["id"] for user in ann.get(f"/chats/{chat['id']}/members").json["users"]] == \
+        [ann.user["id"], bob.user["id"]]
+
+
+def test_list_members_of_others_chat_is_not_found(login, chat):
+    assert error(login().get(f"/chats/{chat['id']}/members", status=400)) == ("chat_not_found", None)
 
 
 def test_get_chat_of_others_is_not_found(login, chat):
@@ -1567,11 +1739,21 @@ def test_remove_reaction(ann, bob, chat):
                                             ({"emoji": "x" * 17}, "invalid_field"),
                                             ({"emoji": "a b"}, "invalid_field"),
                                             ({"emoji": "a\x01"}, "invalid_field"),
+                                            ({"emoji": "\u200b"}, "invalid_field"),
+                                            ({"emoji": "\u0301\u200d"}, "invalid_field"),
                                             ({"emoji": 1}, "invalid_field")])
 def test_reaction_bad_emoji(ann, chat, body, mnemonic):
     message = send(ann, chat["id"], "hello")
     response = ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}/reaction", body, status=400)
     assert error(response) == (mnemonic, "emoji")
+
+
+def test_reactions_are_nfc_so_two_es_are_one(ann, bob, chat):
+    message = send(ann, chat["id"], "hello")
+    path = f"/chats/{chat['id']}/messages/{message['id']}/reaction"
+    ann.put_json(path, {"emoji": "e\u0301"})
+    reacted = bob.put_json(path, {"emoji": "\u00e9"}).json
+    assert reacted["reactions"] == {"\u00e9": sorted([ann.user["id"], bob.user["id"]])}
 
 
 def test_reaction_of_16_characters(ann, chat):
@@ -1668,6 +1850,19 @@ def test_search_messages_only_in_your_chats(ann, bob, login, chat):
     send(ann, chat["id"], "secret plan")
     outsider = login()
     assert search_texts(outsider, "secret") == ([], False)
+
+
+def test_search_messages_reads_yo_as_ye(ann, chat):
+    send(ann, chat["id"], "Пётр пришёл")
+    assert search_texts(ann, "петр пришел") == (["Пётр пришёл"], False)
+
+
+def test_search_reads_only_the_searchers_chats(app, ann, bob, login, chat):
+    send(bob, chat["id"], "bluefish")
+    outsider = login()
+    assert search_texts(outsider, "bluef") == ([], False)
+    assert query(app, "SELECT indexed_up_to FROM chats WHERE id = ?", chat["id"]) == [(0,)]
+    assert query(app, "SELECT count(*) FROM messages_search") == [(0,)]
 
 
 def test_search_messages_in_one_chat(ann, bob, chat, group):
@@ -2205,6 +2400,63 @@ def test_updates_older_than_retention_are_pruned(make_app):
     assert len(query(app, "SELECT * FROM updates")) == 2  # "new", for each member
 
 
+def test_updates_show_the_message_as_it_is_now(ann, bob, chat):
+    message = send(ann, chat["id"], "typo")
+    edited = ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}", {"text": "fixed"}).json
+    assert [u["message"] for u in updates(bob) if u["type"].startswith("message")] == [edited, edited]
+
+
+def test_updates_leave_out_a_deleted_messages_text(ann, bob, chat):
+    message = send(ann, chat["id"], "secret")
+    ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}", {"text": "secret 2"})
+    ann.delete(f"/chats/{chat['id']}/messages/{message['id']}")
+    feed = updates(bob)
+    assert "secret" not in json.dumps(feed)
+    assert feed[-1] == {"update_id": feed[-1]["update_id"], "type": "message_deleted",
+                        "chat_id": chat["id"], "message_id": message["id"]}
+
+
+def test_updates_left_out_are_not_counted_in_the_limit(ann, bob, chat):
+    offset = updates(bob)[-1]["update_id"] + 1
+    doomed = [send(ann, chat["id"], f"m{n}") for n in range(3)]
+    kept = send(ann, chat["id"], "kept")
+    for message in doomed:
+        ann.delete(f"/chats/{chat['id']}/messages/{message['id']}")
+    assert updates(bob, offset=offset, limit=1)[0]["message"] == kept
+
+
+def test_updates_of_a_profile_reach_whoever_shares_a_chat(ann, bob, login, chat):
+    stranger = login()
+    ann.put_json(f"/users/{ann.user['id']}", profile(ann, name="Ann Smith"))
+    seen = [[u["user"] for u in updates(client) if u["type"] == "user"] for client in (ann, bob, stranger)]
+    assert seen == [[dict(ann.user, name="Ann Smith")], [user_json(ann.user["id"], "", "ann", "Ann Smith")],
+                    []]
+
+
+def test_updates_of_an_unchanged_profile_are_none(ann, bob, chat):
+    ann.put_json(f"/users/{ann.user['id']}", profile(ann))
+    assert [u for u in updates(bob) if u["type"] == "user"] == []
+
+
+def test_updates_of_an_avatar_reach_whoever_shares_a_chat(ann, bob, chat):
+    upload(ann, PNG)
+    ann.delete("/photos")
+    assert [u["user"]["id"] for u in updates(bob) if u["type"] == "user"] == [ann.user["id"]] * 2
+
+
+def test_updates_store_a_few_bytes_per_recipient(app, ann):
+    others = add_users(app, 99)
+    group = ann.post_json("/chats", {"name": "Big", "member_ids": others}).json
+
+    def database_bytes():
+        return query(app, "PRAGMA page_count")[0][0] * query(app, "PRAGMA page_size")[0][0]
+
+    before = database_bytes()
+    for n in range(40):
+        ann.put_json(f"/chats/{group['id']}", {"name": f"Big {n} " + "x" * 100})
+    assert (database_bytes() - before) / (40 * 100) < 100
+
+
 def test_updates_timeout_returns_empty_after_waiting(ann):
     started = time.monotonic()
     assert updates(ann, timeout=1) == []
@@ -2505,7 +2757,8 @@ def test_openapi_lists_the_errors_a_route_gives(api):
     responses = paths["/chats/{chat_id}/messages/{message_id}"]["put"]["responses"]
     assert {status: answer["description"] for status, answer in responses.items() if status != "200"} == {
         "400": "chat_not_found, invalid_field, invalid_json, message_not_found, missing_field",
-        "401": "not_authorized", "403": "forbidden", "413": "payload_too_large", "500": "internal_error"}
+        "401": "not_authorized", "403": "forbidden", "413": "payload_too_large", "500": "internal_error",
+        "503": "unavailable"}
 
 
 def test_answer_checker_finds_an_answer_off_its_description(app):
@@ -2583,7 +2836,7 @@ def test_waitress_internals_are_where_messenger_expects():
         }
     moved = [name for name, there in parts.items() if not there]
     assert not moved, (f"waitress {importlib.metadata.version('waitress')} has moved {moved}:"
-                       " messenger._WaitressInternals must follow, and setup.py's cap with it")
+                       " messenger._WaitressInternals must follow, and pyproject.toml's cap with it")
 
 
 def test_server_url_and_port():
