@@ -1,5 +1,6 @@
 """Tests for messenger, in the order of the API contract (README.md)."""
 
+import contextlib
 import hashlib
 import importlib.metadata
 import html
@@ -2323,6 +2324,65 @@ def test_server_path_not_utf8_is_invalid_field(server):
     connection.close()
 
 
+@pytest.fixture
+def full_disk(monkeypatch):
+    """disk["full"] = True makes every write transaction find the disk full (SQLITE_FULL)."""
+    disk = {"full": False}
+    transaction = messenger.Database.transaction
+
+    @contextlib.contextmanager
+    def limited(self):
+        with transaction(self) as conn:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0] if disk["full"] else 2**30
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+            yield conn
+
+    monkeypatch.setattr(messenger.Database, "transaction", limited)
+    return disk
+
+
+UNAVAILABLE = {"error": "unavailable", "message": "The database cannot be written now; try again soon."}
+
+
+def test_full_disk_answers_503_and_nothing_is_lost(app, ann, bob, chat, full_disk):
+    kept = send(ann, chat["id"], "kept")
+    full_disk["full"] = True
+    refused = [ann.post_json(f"/chats/{chat['id']}/messages", {"text": "x" * 4000}, status=503),
+               ann.put_json(f"/chats/{chat['id']}/messages/{kept['id']}", {"text": "y" * 4000}, status=503)]
+    history = ann.get(f"/chats/{chat['id']}/messages").json["messages"]
+    full_disk["full"] = False
+    sent = send(ann, chat["id"], "after")
+    assert [(r.json, r.headers["Retry-After"]) for r in refused] == [(UNAVAILABLE, "5")] * 2
+    assert history == [kept]
+    assert ann.get(f"/chats/{chat['id']}/messages").json["messages"] == [kept, sent]
+
+
+def test_deleted_database_answers_503_and_is_never_created_again(tmp_path):
+    db = str(tmp_path / "gone.db")
+    with Process("--db", db) as process:
+        _, cookie = login_at(process.url, "ann@example.com")
+        bob_id, _ = login_at(process.url, "bob@example.com")
+        for suffix in ("", "-wal", "-shm"):
+            os.remove(db + suffix)
+        answers = [call(process.url + "/chats", "POST", {"user_id": bob_id}, cookie),
+                   call(process.url + "/login", "POST", {"email": "ann@example.com", "password": PASSWORD}),
+                   call(process.url + "/users", "POST", {"email": "c@example.com", "password": PASSWORD})]
+        assert [(status, body) for status, body, _ in answers] == [(503, UNAVAILABLE)] * 3
+        assert not os.path.exists(db)
+        assert process.stop() == 0
+    assert not any("Traceback" in line for line in process.log)
+
+
+def test_replaced_database_answers_503(tmp_path, make_app):
+    db = tmp_path / "replaced.db"
+    app = make_app(str(db))
+    client = logged_in(app, "ann@example.com")
+    shutil.copy(db, tmp_path / "copy.db")
+    os.replace(tmp_path / "copy.db", db)
+    response = client.post_json("/chats", {"name": "Trip"}, status=503)
+    assert response.json == UNAVAILABLE
+
+
 # ---------------------------------------------------------------------------
 # 6. Updates (long polling)
 # ---------------------------------------------------------------------------
@@ -2696,6 +2756,59 @@ def test_server_stop_ends_open_streams(tmp_path):
     connection.close()
 
 
+def test_server_one_user_waits_at_most_four_times(tmp_path):
+    with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True,
+                          threads=16) as server:
+        ann_id, ann = login_at(server.url, "ann@example.com")
+        _, bob = login_at(server.url, "bob@example.com")
+        future = 10**6  # an offset with no updates yet: every poll waits
+        waiting = [threading.Thread(target=poll, args=(server, ann), kwargs={"offset": future, "timeout": 3})
+                   for _ in range(4)]
+        for thread in waiting:
+            thread.start()
+        assert wait_until(lambda: server.app.feed.waiting_of[ann_id] == 4)
+        started = time.monotonic()
+        poll(server, ann, offset=future, timeout=3)
+        fifth = time.monotonic() - started
+        _, text = read_stream(server, ann, path=f"/updates/stream?offset={future}")
+        started = time.monotonic()
+        poll(server, bob, offset=future, timeout=1)
+        other = time.monotonic() - started
+        for thread in waiting:
+            thread.join()
+    assert fifth < 1 and f"retry: {messenger.STREAM_BUSY_RETRY_MS}" in text and other >= 0.9
+
+
+def test_server_stream_ends_when_its_session_does(tmp_path):
+    with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True) as server:
+        _, cookie = login_at(server.url, "ann@example.com")
+        bob_id, bob = login_at(server.url, "bob@example.com")
+        chat_id = call(server.url + "/chats", "POST", {"user_id": bob_id}, cookie)[1]["id"]
+        result = {}
+
+        def read():
+            result["text"] = read_stream(server, cookie)[1]
+            result["ended"] = time.monotonic()
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        assert wait_until(lambda: server.app.feed.waiting == 1)
+        call(server.url + "/logout", "DELETE", cookie=cookie)
+        logged_out = time.monotonic()
+        call(f"{server.url}/chats/{chat_id}/messages", "POST", {"text": "after logout"}, bob)
+        thread.join()
+    assert result["ended"] - logged_out < 1 and "after logout" not in result["text"]
+
+
+def test_server_head_of_a_long_poll_answers_at_once(server):
+    _, cookie = login_at(server.url, "ann@example.com")
+    connection = http.client.HTTPConnection(server.host, server.port, timeout=15)
+    started = time.monotonic()
+    connection.request("HEAD", "/updates?timeout=60", headers={"Cookie": cookie})
+    assert connection.getresponse().status == 200 and time.monotonic() - started < 1
+    connection.close()
+
+
 # ---------------------------------------------------------------------------
 # 7. Running and embedding
 # ---------------------------------------------------------------------------
@@ -2759,6 +2872,18 @@ def test_openapi_lists_the_errors_a_route_gives(api):
         "400": "chat_not_found, invalid_field, invalid_json, message_not_found, missing_field",
         "401": "not_authorized", "403": "forbidden", "413": "payload_too_large", "500": "internal_error",
         "503": "unavailable"}
+
+
+@pytest.mark.parametrize("path, method, field", [("/chats", "post", "member_ids"),
+                                                ("/chats/{chat_id}/read", "post", "message_id"),
+                                                ("/users/{user}", "put", "password"),
+                                                ("/users", "post", "username")])
+def test_openapi_accepts_null_where_the_server_does(api, path, method, field):
+    doc = api.get("/openapi.json").json
+    schema = doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
+    bodies = schema.get("oneOf", [schema])
+    assert any(field in body["properties"] and not schema_errors(body["properties"][field], None, doc)
+               for body in bodies)
 
 
 def test_answer_checker_finds_an_answer_off_its_description(app):
@@ -3033,6 +3158,13 @@ def test_cors_warns_once_about_localhost_and_127(api, caplog):
     api.get("/", headers={"Origin": "http://localhost:3000", "Host": "localhost:8080"})
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "drop the session cookie" in warnings[0]
+
+
+def test_cors_warnings_are_bounded(app, api, caplog):
+    for port in range(1000, 1300):
+        api.get("/", headers={"Origin": f"http://localhost:{port}", "Host": "127.0.0.1:8080"})
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == len(app.warned_origins) == messenger.MAX_WARNED_ORIGINS
 
 
 def test_demo_fills_an_empty_database(make_app):
@@ -3614,6 +3746,30 @@ def test_default_command_answers_non_latin_requests(default_server, method, path
     assert wait_until(lambda: any(entry.startswith(line) for entry in process.log[seen:])), \
         process.log[seen:]
     assert not [entry for entry in process.log if "Traceback" in entry or "Exception" in entry]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_second_command_takes_the_other_core(tmp_path):
+    with Process("--db", str(tmp_path / "a.db")) as first:
+        cores = sorted(os.sched_getaffinity(0))
+        pinned = messenger._pinned_processes(cores)
+        with Process("--db", str(tmp_path / "b.db")) as second:
+            taken = os.sched_getaffinity(second.popen.pid)
+            assert len(taken) == 1 and pinned[min(taken)] == min(pinned.values())
+            assert os.sched_getaffinity(first.popen.pid) != taken or len(set(pinned.values())) > 1
+            second.stop()
+        first.stop()
+
+
+def test_least_taken_core_is_chosen():
+    assert messenger._least_taken_core([0, 1, 2], {0: 1, 1: 0, 2: 0}, {1: 50, 2: 3}) == 2
+
+
+def test_pinning_is_turned_off_by_a_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESSENGER_PIN", "0")
+    with Process("--db", str(tmp_path / "a.db")) as process:
+        assert os.sched_getaffinity(process.popen.pid) == os.sched_getaffinity(0)
+        process.stop()
 
 
 def test_default_command_runs_on_one_core(default_server):
