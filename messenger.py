@@ -927,6 +927,7 @@ SCHEMAS = {
                              "field": {"type": "string"}}},
 }
 EMPTY = _object()
+USER_LIST = _object(["users"], users={"type": "array", "items": _ref("User")})
 MESSAGE_PAGE = _object(["messages", "has_more"], messages={"type": "array", "items": _ref("Message")},
                        has_more={"type": "boolean"})
 # Query parameters, each one schema that both describes it and checks it (_query_int).
@@ -1186,7 +1187,7 @@ def current_user(db, me):
 
 @route("GET", "/users/<user>", path_params={"user": _text(1, description="An id (digits), or a search")},
        query={"limit": PAGE_LIMIT, "offset": OFFSET},
-       returns={"oneOf": [_ref("User"), _object(["users"], users={"type": "array", "items": _ref("User")})]},
+       returns={"oneOf": [_ref("User"), USER_LIST]},
        errors=("invalid_field", "user_not_found"))
 def get_user(db, me, user):
     """A user by id (digits), or {"users": [...]} whose username or name matches the text."""
@@ -1610,8 +1611,8 @@ def _create_group(app, db, me, name, others):
     return _json_text(chat)
 
 
-@route("GET", "/chats", returns=_object(["chats", "next_offset"], chats={"type": "array", "items": _ref("Chat")},
-                                        next_offset=OFFSET))
+@route("GET", "/chats", returns=_object(["chats", "next_offset"], next_offset=OFFSET,
+                                        chats={"type": "array", "items": _ref("Chat")}))
 def list_chats(db, me):
     """The caller's chats, most recent activity first, and the updates offset that follows them."""
     with db.connection() as conn:
@@ -1633,8 +1634,7 @@ def get_chat(db, me, chat_id):
         return _json_text(_chat_text(conn, me, chat_id))
 
 
-@route("GET", "/chats/<chat_id>/members", returns=_object(["users"], users={"type": "array", "items": _ref("User")}),
-       errors=("chat_not_found",))
+@route("GET", "/chats/<chat_id>/members", returns=USER_LIST, errors=("chat_not_found",))
 def list_members(db, me, chat_id):
     """The members of one of the caller's chats, as users, by ascending id."""
     chat_id = _path_id(chat_id)

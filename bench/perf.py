@@ -333,6 +333,70 @@ def search_medians(server, cookie, path, args):
               f" (goal for 3+ characters: median <= 5 ms: {'met' if median <= 5 else 'MISSED'})")
 
 
+def privacy(args, cpus):
+    """What an outsider can learn from a search's time, and one user's waiting share."""
+    print("\n6. Privacy and fairness")
+    workdir = tempfile.mkdtemp()
+    path = os.path.join(workdir, "privacy.db")
+    messages = 5000 if args.quick else 20000
+    app = messenger.make_app(path, password_iterations=BENCH_ITERATIONS)
+    password_hash = messenger.hash_password(PASSWORD, BENCH_ITERATIONS)
+    with app.db.transaction() as conn:
+        ids = [messenger._insert_user(conn, f"{name}@example.com", name, password_hash)
+               for name in ("ann", "bob", "carol", "outsider", "friend")]
+        group = messenger._insert_demo_chat(conn, "Secret", ids[:3], "2026-01-01T00:00:00.000Z")
+        conn.executemany("INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
+                         [(group, ids[n % 3], f"the bluefish number {n} swims" if n % 2 else f"note {n}",
+                           "2026-01-01T00:00:00.000Z") for n in range(messages)])
+        dialog = messenger._insert_demo_chat(conn, None, ids[3:], "2026-01-01T00:00:00.000Z")
+        for n in range(50):
+            messenger._insert_message(conn, dialog, ids[3], f"hello {n}", "2026-01-01T00:00:00.000Z")
+    app.db.close()
+    server = Server("messenger", db=path, cpu=cpus[0])
+    _, ann = server.login("ann@example.com", register=False)
+    _, outsider = server.login("outsider@example.com", register=False)
+    server.call("GET", "/messages?query=bluefish", cookie=ann)  # the members' search indexes the group
+    medians = {}
+    for query in ["bluef", "bluez"] * 2:  # alternated
+        seconds = []
+        for _ in range(100):
+            started = time.perf_counter()
+            status, body, _ = server.call("GET", f"/messages?query={query}", cookie=outsider)
+            seconds.append(time.perf_counter() - started)
+            assert status == 200 and body["messages"] == [], body
+        medians.setdefault(query, []).append(statistics.median(seconds) * 1000)
+    word, absent = (statistics.median(medians[q]) for q in ("bluef", "bluez"))
+    print(f"  an outsider's message search ({messages:,} messages in a group they are not in, half of"
+          f" them with 'bluefish'): 'bluef' median {word:.2f} ms, 'bluez' median {absent:.2f} ms"
+          f" ({word / absent:.2f}x; goal: the same within noise)")
+    server.stop()
+
+    server = Server("messenger", db=":memory:", cpu=cpus[0], threads=16)
+    _, greedy = server.login("greedy@example.com")
+    _, other = server.login("other@example.com")
+    results = []
+
+    def wait(cookie, seconds):
+        started = time.monotonic()
+        server.call("GET", f"/updates?offset=1000000&timeout={seconds}", cookie=cookie)
+        results.append((cookie, time.monotonic() - started))
+
+    threads = [threading.Thread(target=wait, args=(greedy, 3)) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    wait(other, 1)
+    for thread in threads:
+        thread.join()
+    greedy_waited = sum(1 for cookie, seconds in results if cookie == greedy and seconds > 2)
+    other_waited = [seconds for cookie, seconds in results if cookie == other][0]
+    print(f"  one user opening 12 long polls (16 threads): {greedy_waited} of them wait (goal: 4),"
+          f" {12 - greedy_waited} answer at once; another user's 1 s poll still waits"
+          f" {other_waited:.2f} s (goal: about 1 s)")
+    server.stop()
+    shutil.rmtree(workdir)
+
+
 def startup():
     print("\n3. Start-up and idle memory")
     times, rss = [], []
@@ -456,6 +520,7 @@ SECTIONS = {
     "startup": lambda args, cpus: startup(),
     "wakeup": lambda args, cpus: wake_up(50 if args.quick else 200),
     "pinning": lambda args, cpus: pinning(args),
+    "privacy": privacy,
 }
 
 
