@@ -3756,7 +3756,6 @@ def test_second_command_takes_the_other_core(tmp_path):
         with Process("--db", str(tmp_path / "b.db")) as second:
             taken = os.sched_getaffinity(second.popen.pid)
             assert len(taken) == 1 and pinned[min(taken)] == min(pinned.values())
-            assert os.sched_getaffinity(first.popen.pid) != taken or len(set(pinned.values())) > 1
             second.stop()
         first.stop()
 
