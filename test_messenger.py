@@ -3431,7 +3431,8 @@ def raw_request(server, data):
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         try:
             sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):  # not connected: the server answered and closed already
+                sock.shutdown(socket.SHUT_WR)
             while chunk := sock.recv(65536):
                 answer += chunk
         except ConnectionResetError:  # the server answered and closed while we still sent
