@@ -712,8 +712,10 @@ def _has_visible(text):
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
-def _has_bidi_control(text):
-    return not BIDI_CONTROLS.isdisjoint(text)
+def _refuse_bidi_controls(field, text):
+    """Raise invalid_field if a name holds a bidirectional override or isolate."""
+    if not BIDI_CONTROLS.isdisjoint(text):
+        raise _invalid(field, f"'{field}' must not contain bidirectional overrides or isolates.")
 
 
 def _string(body, field, required):
@@ -765,8 +767,8 @@ def _visible_text(body, field, longest, allowed=""):
     if _has_control(value, allowed):
         raise _invalid(field, f"'{field}' must not contain control characters"
                               + (" other than tab and newlines." if allowed else "."))
-    if not allowed and _has_bidi_control(value):
-        raise _invalid(field, f"'{field}' must not contain bidirectional overrides or isolates.")
+    if not allowed:
+        _refuse_bidi_controls(field, value)
     if not 1 <= len(value) <= longest:
         raise _invalid(field, f"'{field}' must be 1 to {longest} characters long.")
     if not _has_visible(value):
@@ -809,8 +811,8 @@ def _user_field(body, field, required):
     shortest, longest, check, rule = USER_FIELDS[field]
     if _has_control(value):
         raise _invalid(field, f"'{field}' must not contain control characters.")
-    if field in ("name", "status") and _has_bidi_control(value):
-        raise _invalid(field, f"'{field}' must not contain bidirectional overrides or isolates.")
+    if field in ("name", "status"):
+        _refuse_bidi_controls(field, value)
     if not shortest <= len(value) <= longest:
         raise _invalid(field, f"'{field}' must be {shortest} to {longest} characters long.")
     if check and value and not check(value):
@@ -1043,6 +1045,11 @@ def _users_json(conn, me, user_ids):
     return [found[user_id] for user_id in user_ids if user_id in found]
 
 
+def _user_list(users):
+    """Answer {"users": [...]} of JSON texts from _users_json."""
+    return _json_text('{"users":[' + ",".join(users) + "]}")
+
+
 def _load_user(conn, user_id):
     return conn.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()
 
@@ -1207,7 +1214,7 @@ def _search_users(db, me, query):
     with db.connection() as conn:
         rows = find_users(conn, _search_fold(query), limit, offset, db.search_index)
         users = _users_json(conn, me, [row["id"] for row in rows])
-    return _json_text('{"users":[' + ",".join(users) + "]}")
+    return _user_list(users)
 
 
 def find_users(conn, key, limit, offset, use_index=True):
@@ -1641,7 +1648,7 @@ def list_members(db, me, chat_id):
     with db.connection() as conn:
         _chat_row(conn, me, chat_id)
         users = _users_json(conn, me, _member_ids(conn, chat_id))
-    return _json_text('{"users":[' + ",".join(users) + "]}")
+    return _user_list(users)
 
 
 @route("PUT", "/chats/<chat_id>", body=_body(["name"], name=NAME), returns=_ref("Chat"),
