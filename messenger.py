@@ -45,6 +45,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import sysconfig
 import threading
@@ -79,7 +80,16 @@ LOGIN_FAILURE_WINDOW_SECONDS = 15 * 60
 
 MAX_JSON_BYTES = 100 * 1024
 MAX_PHOTO_BYTES = 5 * 1024 * 1024
-MULTIPART_OVERHEAD = 64 * 1024  # what a photo upload may add to the file
+MAX_FILE_BYTES = 10 * 1024 * 1024
+MULTIPART_OVERHEAD = 64 * 1024  # what an upload's request may add to its file
+MAX_MESSAGE_FILES = 10
+MAX_FILE_NAME_CHARS = 255
+MAX_EXTENSION_CHARS = 16  # "report.pdf" keeps ".pdf" when a long name is cut
+UNSENT_FILE_SECONDS = 24 * 60 * 60  # an upload no message carries is deleted after this
+FILE_CHUNK_BYTES = 256 * 1024  # files are copied in and out this much at a time
+MAX_JPEG_SEGMENTS = 256  # a JPEG's size is in its frame header, after a few dozen segments at most
+MAX_CLIENT_ID_CHARS = 64
+RETRY_SECONDS = 24 * 60 * 60  # a send with a client_id used this recently is a retry
 MAX_ID = 2**63 - 1  # SQLite's largest integer
 MAX_ID_DIGITS = len(str(MAX_ID))
 MIN_PASSWORD_CHARS, MAX_PASSWORD_CHARS = 8, 1024
@@ -112,9 +122,10 @@ STREAM_BUSY_RETRY_MS = 5000  # the same, when the threads were too busy to keep 
 MAX_WAITING_PER_USER = 4  # waiting polls and streams of one user, so that one cannot crowd out others
 
 # waitress, configured on purpose:
-# a body just above the largest upload reaches the app, which answers the
-# contract's 413 JSON; only a body beyond this gets waitress's plain 413.
-BODY_LIMIT_SLACK = 64 * 1024
+# a body up to this many times the largest upload reaches the app, which
+# answers the contract's 413 JSON with CORS headers (a browser can read
+# why); only a body beyond it gets waitress's plain 413.
+BODY_LIMIT_FACTOR = 4
 # headers past 64 KiB are waitress's 431: no honest client sends that much.
 MAX_HEADER_BYTES = 64 * 1024
 # enough for a browser's six connections from each of many clients.
@@ -164,6 +175,17 @@ def parse_delay(value):
     return low, high
 
 
+def _mib_argument(text):
+    """--max-file-mb: MiB as bytes."""
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = 0
+    if not mib > 0 or math.isinf(mib):
+        raise argparse.ArgumentTypeError(f"a size is a positive number of MiB, not {text!r}")
+    return int(mib * 1024 * 1024)
+
+
 def _delay_argument(text):
     try:
         return parse_delay(text)
@@ -200,6 +222,9 @@ class Options:
     quiet: bool = _option(False, "no access log")
     password_iterations: int = _option(PASSWORD_ITERATIONS)  # tests lower it
     session_days: float = _option(SESSION_DAYS)
+    max_file_bytes: int = _option(MAX_FILE_BYTES, f"the largest attachment, in MiB"
+                                                  f" (default {MAX_FILE_BYTES // 1024 // 1024})",
+                                  name="--max-file-mb", type=_mib_argument, metavar="MIB")
     max_photo_bytes: int = _option(MAX_PHOTO_BYTES)
     updates_hours: float = _option(UPDATES_HOURS)
     stream_seconds: float = _option(STREAM_SECONDS)  # tests shorten both
@@ -209,6 +234,8 @@ class Options:
         """Check the values, and keep the delay as (min, max) and the origins as a set."""
         if self.threads < 1:
             raise ValueError("threads must be at least 1")
+        if self.max_file_bytes < 1 or self.max_photo_bytes < 1:
+            raise ValueError("upload limits must be at least 1 byte")
         object.__setattr__(self, "delay", parse_delay(self.delay))
         object.__setattr__(self, "cors_origins", frozenset(self.cors_origins))
 
@@ -217,7 +244,7 @@ class Options:
 # The database
 # ---------------------------------------------------------------------------
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _schema_path():
@@ -843,8 +870,9 @@ def _username_from_email(email):
 ERROR_STATUS = {
     "invalid_json": 400, "missing_field": 400, "invalid_field": 400, "email_taken": 400,
     "username_taken": 400, "wrong_credentials": 400, "user_not_found": 400, "chat_not_found": 400,
-    "message_not_found": 400, "invalid_image": 400, "not_authorized": 401, "forbidden": 403,
-    "not_found": 404, "method_not_allowed": 405, "payload_too_large": 413, "too_many_attempts": 429,
+    "message_not_found": 400, "file_not_found": 400, "invalid_image": 400, "not_authorized": 401,
+    "forbidden": 403, "not_found": 404, "method_not_allowed": 405, "payload_too_large": 413,
+    "range_not_satisfiable": 416, "too_many_attempts": 429,
     "internal_error": 500, "unavailable": 503,
 }
 
@@ -885,14 +913,29 @@ USER_FIELD_SCHEMAS = {  # from the rules the fields are checked by
     for field, (shortest, longest, _, rule) in USER_FIELDS.items()
 }
 USER_FIELD_SCHEMAS["phone"]["pattern"] = f"^{PHONE_PATTERN}$"
+CLIENT_ID_PATTERN = "[!-~]+"  # printable ASCII, no space: also the API description's pattern
+CLIENT_ID = _text(1, MAX_CLIENT_ID_CHARS, pattern=f"^{CLIENT_ID_PATTERN}$",
+                  description="Chosen by the sender's client: a retry with it sends nothing again.")
 SCHEMAS = {
     "User": _object(["id", *USER_FIELDS], id=ID, **dict(USER_FIELD_SCHEMAS, email={"oneOf": [
         USER_FIELD_SCHEMAS["email"], {"const": "", "description": "Hidden: email and phone are shown"
                                                                   " to those the user has written to."}]})),
+    "File": _object(
+        ["id", "name", "content_type", "size", "width", "height", "url", "created_at"],
+        id=ID, name=_text(1, MAX_FILE_NAME_CHARS), content_type=_text(3, description="type/subtype"),
+        size={"type": "integer", "minimum": 1},
+        width={"type": ["integer", "null"], "minimum": 1, "description": "Of an image; else null."},
+        height={"type": ["integer", "null"], "minimum": 1, "description": "Of an image; else null."},
+        url=_text(1, description="Where GET downloads it: /files/{id}."), created_at=TIME),
     "Message": _object(
-        ["id", "chat_id", "author_id", "text", "created_at", "edited_at", "reactions"],
-        id=ID, chat_id=ID, author_id=ID, text=TEXT, created_at=TIME,
-        edited_at={"type": ["string", "null"], "format": "date-time"},
+        ["id", "chat_id", "author_id", "text", "files", "reply_to_id", "client_id", "created_at", "edited_at",
+         "reactions"],
+        id=ID, chat_id=ID, author_id=ID, text=dict(TEXT, minLength=0, description=TEXT["description"]
+                                                   + " Empty only in a message with files."),
+        files={"type": "array", "items": _ref("File"), "maxItems": MAX_MESSAGE_FILES},
+        reply_to_id={"oneOf": [ID, {"type": "null"}], "description": "The message this one answers."},
+        client_id={"oneOf": [CLIENT_ID, {"type": "null"}]},
+        created_at=TIME, edited_at={"type": ["string", "null"], "format": "date-time"},
         reactions={"type": "object", "description": "Each emoji in use: the ids of its users, ascending.",
                    "additionalProperties": {"type": "array", "items": ID, "minItems": 1}}),
     "Chat": _object(
@@ -939,12 +982,22 @@ OFFSET = {"type": "integer", "minimum": 0, "maximum": MAX_ID, "default": 0}
 AFTER = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
 TIMEOUT = {"type": "integer", "minimum": 0, "maximum": MAX_POLL_SECONDS, "default": 0}
 LAST_EVENT_ID = {"type": "integer", "minimum": 0, "maximum": MAX_ID - 1}
-TEXT_BODY = _body(["text"], text=TEXT)
+EDIT_BODY = _body(["text"], text=dict(TEXT, minLength=0, description=TEXT["description"]
+                                      + " Empty only in a message with files."))
+SEND_BODY = _body(
+    [], text=_nullable(dict(TEXT, minLength=0, description=TEXT["description"]
+                            + " Required unless file_ids names a file; then it may be empty.")),
+    file_ids=_nullable({"type": "array", "items": ID, "maxItems": MAX_MESSAGE_FILES, "uniqueItems": True,
+                        "description": "Files the caller uploaded (POST /files), in this order."}),
+    reply_to_id=_nullable(dict(ID, description="A message of this chat that this one answers.")),
+    client_id=_nullable(CLIENT_ID))
 NAME = _text(1, MAX_CHAT_NAME_CHARS, description="Not only white space; no control characters.")
 USER_ID_BODY = _body(["user_id"], user_id=ID)
 PROFILE_FIELDS = {field: _nullable(schema) if field not in ("email", "username")
                   else schema for field, schema in USER_FIELD_SCHEMAS.items()}
 PASSWORD = _text(MIN_PASSWORD_CHARS, MAX_PASSWORD_CHARS)
+NOT_MODIFIED = {"description": "Not modified: the If-None-Match ETag is current."}
+BINARY = {"type": "string", "format": "binary"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -959,6 +1012,7 @@ class Contract:
     headers: dict = None  # {name: schema} of request headers it reads
     returns: dict = dataclasses.field(default_factory=lambda: EMPTY)  # the JSON answer's schema
     media: dict = None  # {media type: schema} of answers that are not JSON
+    answers: dict = None  # {status: OpenAPI response} of successes other than 200
     errors: tuple = ()  # its mnemonics, besides those of bad ids and bodies and of sessions
 
 
@@ -1434,7 +1488,8 @@ def _etag_matches(etag):
 
 
 @route("GET", "/photos/<user_id>", headers={"If-None-Match": _text()}, returns=None,
-       media={"image/*": {"type": "string", "contentMediaType": "image/*"}}, errors=("user_not_found",))
+       media={"image/*": {"type": "string", "contentMediaType": "image/*"}}, answers={"304": NOT_MODIFIED},
+       errors=("user_not_found",))
 def get_photo(db, me, user_id):
     """A user's avatar image: the upload, or a generated SVG; ETag and 304 supported."""
     user_id = _path_id(user_id)
@@ -1761,17 +1816,23 @@ def _chat_message(conn, me, chat_id, message_id):
 def _change_text(conn, message_id, text, edited_at):
     """Store a message's new text, and the words a search finds it by if it is indexed yet."""
     conn.execute("UPDATE messages SET text = ?, edited_at = ? WHERE id = ?", (text, edited_at, message_id))
-    chat_id = conn.execute("SELECT chat_id FROM messages WHERE id = ?", (message_id,)).fetchone()[0]
+    chat_id, files = conn.execute("SELECT chat_id, files FROM messages WHERE id = ?",
+                                  (message_id,)).fetchone()
     conn.execute("UPDATE messages_search SET words = ? WHERE rowid = ?",
-                 (_indexed_words(chat_id, text), message_id))
+                 (_indexed_words(chat_id, _searched_text(text, files)), message_id))
 
 
-def _insert_message(conn, chat_id, author_id, text, created_at):
-    """Store a message (a search indexes it later); its id."""
-    return conn.execute(
-        "INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
-        (chat_id, author_id, text, created_at),
+def _insert_message(conn, chat_id, author_id, text, created_at, files=(), reply_to_id=None, client_id=None):
+    """Store a message carrying `files` (rows of id and JSON; a search indexes it later); its id."""
+    message_id = conn.execute(
+        "INSERT INTO messages (chat_id, author_id, text, files, reply_to_id, client_id, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (chat_id, author_id, text, "[" + ",".join(row["json"] for row in files) + "]", reply_to_id,
+         client_id, created_at),
     ).lastrowid
+    conn.executemany("INSERT INTO message_files (file_id, message_id) VALUES (?, ?)",
+                     [(row["id"], message_id) for row in files])
+    return message_id
 
 
 def _to_members(conn, chat_id, event):
@@ -1779,15 +1840,80 @@ def _to_members(conn, chat_id, event):
     return dict.fromkeys(_member_ids(conn, chat_id), event)
 
 
-@route("POST", "/chats/<chat_id>/messages", body=TEXT_BODY, returns=_ref("Message"),
-       errors=("missing_field", "invalid_field", "chat_not_found"))
+def _message_text(body, has_files):
+    """A message's text: visible text, or with files also none at all ("")."""
+    if has_files and body.get("text") in (None, ""):
+        return ""
+    return _visible_text(body, "text", MAX_MESSAGE_CHARS, allowed="\n\r\t")
+
+
+def _file_ids(body):
+    """The file_ids of a send: 0 to MAX_MESSAGE_FILES distinct ids (absent or null: none)."""
+    value = body.get("file_ids")
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_MESSAGE_FILES:
+        raise _invalid("file_ids", f"'file_ids' must be a list of at most {MAX_MESSAGE_FILES} file ids.")
+    if len(set(value)) < len(value) or any(type(item) is not int or not 1 <= item <= MAX_ID
+                                           for item in value):
+        raise _invalid("file_ids", "'file_ids' must hold distinct positive integers.")
+    return value
+
+
+def _client_id(body):
+    """A send's client_id: 1 to 64 printable ASCII characters, no space; None when absent or null."""
+    value = body.get("client_id")
+    if value is not None and not (isinstance(value, str) and len(value) <= MAX_CLIENT_ID_CHARS
+                                  and re.fullmatch(CLIENT_ID_PATTERN, value)):
+        raise _invalid("client_id", f"'client_id' must be 1 to {MAX_CLIENT_ID_CHARS} printable ASCII"
+                                    " characters without spaces.")
+    return value
+
+
+def _first_send(conn, chat_id, me, client_id, now):
+    """The message a send with this client_id made in the last day, as JSON text; None if there was
+    none; message_not_found if it was deleted."""
+    sent = conn.execute(
+        "SELECT message_id FROM sends WHERE chat_id = ? AND author_id = ? AND client_id = ? AND sent_at >= ?",
+        (chat_id, me, client_id, now - RETRY_SECONDS),
+    ).fetchone()
+    if sent is None:
+        return None
+    message = conn.execute("SELECT json FROM messages WHERE id = ?", (sent[0],)).fetchone()
+    if message is None:
+        raise error(400, "message_not_found", "The message this client_id sent has been deleted.",
+                    "client_id")
+    return message[0]
+
+
+@route("POST", "/chats/<chat_id>/messages", body=SEND_BODY, returns=_ref("Message"),
+       errors=("missing_field", "invalid_field", "chat_not_found", "file_not_found", "message_not_found"))
 def send_message(app, db, me, chat_id):
-    """Send a message to one of the caller's chats."""
+    """Send a message (text, files or both; maybe a reply) to one of the caller's chats; a retry with
+    the same client_id answers the first send's message."""
     chat_id = _path_id(chat_id)
-    text = _visible_text(_json_body(), "text", MAX_MESSAGE_CHARS, allowed="\n\r\t")
+    body = _json_body()
+    file_ids = _file_ids(body)
+    text = _message_text(body, has_files=bool(file_ids))
+    reply_to_id = _json_int(body, "reply_to_id", required=False)
+    client_id = _client_id(body)
+    now = time.time()
     with db.transaction() as conn:
         _chat_row(conn, me, chat_id)
-        message_id = _insert_message(conn, chat_id, me, text, _iso(time.time()))
+        # Inside the write transaction: of two sends of one client_id at the
+        # same moment, the second waits for the first and finds its message.
+        sent = client_id and _first_send(conn, chat_id, me, client_id, now)
+        if sent:
+            return _json_text(sent)
+        files = _own_files(conn, me, file_ids, now)
+        if reply_to_id is not None and not _exists(
+                conn, "SELECT 1 FROM messages WHERE id = ? AND chat_id = ?", (reply_to_id, chat_id)):
+            raise error(400, "message_not_found", "'reply_to_id' is not a message of this chat.",
+                        "reply_to_id")
+        message_id = _insert_message(conn, chat_id, me, text, _iso(now), files, reply_to_id, client_id)
+        if client_id:
+            conn.execute("INSERT OR REPLACE INTO sends (chat_id, author_id, client_id, message_id, sent_at)"
+                         " VALUES (?, ?, ?, ?, ?)", (chat_id, me, client_id, message_id, now))
         conn.execute("UPDATE chats SET last_message_id = ? WHERE id = ?", (message_id, chat_id))
         # The author has read up to here, and written once more; every other
         # member has one more unread.
@@ -1803,6 +1929,16 @@ def send_message(app, db, me, chat_id):
         app.feed.add(conn, _to_members(conn, chat_id, Event("message", message_id)))
     app.feed.publish()
     return _json_text(message)
+
+
+@route("GET", "/chats/<chat_id>/messages/<message_id>", returns=_ref("Message"),
+       errors=("chat_not_found", "message_not_found"))
+def get_message(db, me, chat_id, message_id):
+    """One message of a chat (the one a reply quotes, say)."""
+    chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
+    with db.connection() as conn:
+        _, message = _chat_message(conn, me, chat_id, message_id)
+    return _json_text(message["json"])
 
 
 @route("GET", "/chats/<chat_id>/messages", returns=MESSAGE_PAGE, errors=("chat_not_found",),
@@ -1843,16 +1979,20 @@ def _message_page(conn, chat_id, limit, before, after):
     return messages or "", has_more
 
 
-@route("PUT", "/chats/<chat_id>/messages/<message_id>", body=TEXT_BODY, returns=_ref("Message"),
+@route("PUT", "/chats/<chat_id>/messages/<message_id>", body=EDIT_BODY, returns=_ref("Message"),
        errors=("missing_field", "invalid_field", "chat_not_found", "message_not_found", "forbidden"))
 def edit_message(app, db, me, chat_id, message_id):
     """Change the text of one of your messages (edited_at is set); the same text changes nothing."""
     chat_id, message_id = _path_id(chat_id), _path_id(message_id, "message_id")
-    text = _visible_text(_json_body(), "text", MAX_MESSAGE_CHARS, allowed="\n\r\t")
+    body = _json_body()
+    # "" only for a message with files, which is known below; an edit without text is a mistake.
+    text = "" if body.get("text") == "" else _message_text(body, has_files=False)
     with db.transaction() as conn:
         _, message = _chat_message(conn, me, chat_id, message_id)
         if message["author_id"] != me:
             raise error(403, "forbidden", "Only its author may edit a message.")
+        if not text and message["files"] == "[]":
+            _message_text(body, has_files=False)  # raises invalid_field
         if text != message["text"]:
             _change_text(conn, message_id, text, _iso(time.time()))
             app.feed.add(conn, _to_members(conn, chat_id, Event("message_edited", message_id)))
@@ -1879,8 +2019,11 @@ def delete_message(app, db, me, chat_id, message_id):
         )
         conn.execute("UPDATE chat_members SET posted = posted - 1 WHERE chat_id = ? AND user_id = ?",
                      (chat_id, author_id))
+        file_ids = [row[0] for row in conn.execute("SELECT file_id FROM message_files WHERE message_id = ?",
+                                                   (message_id,))]
         conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
         conn.execute("DELETE FROM messages_search WHERE rowid = ?", (message_id,))
+        _delete_unsent_files(conn, time.time(), file_ids)
         conn.execute("UPDATE chats SET last_message_id = (SELECT max(id) FROM messages WHERE chat_id = ?)"
                      " WHERE id = ?", (chat_id, chat_id))
         event = Event("message_deleted", payload={"chat_id": chat_id, "message_id": message_id})
@@ -1987,6 +2130,11 @@ def mark_read(app, db, me, chat_id):
     return {"unread_count": unread_count}
 
 
+def _searched_text(text, files):
+    """What a search reads of a message: its text and the names of its files (their JSON)."""
+    return " ".join([text] + [file["name"] for file in json.loads(files)])
+
+
 def _indexed_words(chat_id, text):
     """A message's words as the search index keeps them, each after its chat's id and "x"."""
     return " ".join(f"{chat_id}x{word}" for word in _search_words(text))
@@ -2046,14 +2194,16 @@ def index_messages(db, me, chat_id=None):
         while True:
             with db.transaction() as conn:
                 rows = conn.execute(
-                    "SELECT m.id, m.text FROM messages AS m JOIN chats AS c ON c.id = m.chat_id"
+                    "SELECT m.id, m.text, m.files FROM messages AS m JOIN chats AS c ON c.id = m.chat_id"
                     " WHERE m.chat_id = ? AND m.id > c.indexed_up_to ORDER BY m.id LIMIT ?",
                     (chat, SEARCH_BATCH),
                 ).fetchall()
                 if not rows:
                     break
-                conn.executemany("INSERT INTO messages_search (rowid, words, chat_id) VALUES (?, ?, ?)",
-                                 [(row["id"], _indexed_words(chat, row["text"]), chat) for row in rows])
+                conn.executemany(
+                    "INSERT INTO messages_search (rowid, words, chat_id) VALUES (?, ?, ?)",
+                    [(row["id"], _indexed_words(chat, _searched_text(row["text"], row["files"])), chat)
+                     for row in rows])
                 conn.execute("UPDATE chats SET indexed_up_to = ? WHERE id = ?", (rows[-1]["id"], chat))
             if len(rows) < SEARCH_BATCH:
                 break
@@ -2082,6 +2232,272 @@ def find_messages(conn, me, words, chat_id, before, limit, use_index=True):
         " ORDER BY s.rowid DESC LIMIT ?",
         (_to_json(chats), before, " ".join(words), limit),
     ).fetchall()
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+
+# Served as they are: types a browser shows or plays and never runs. Any
+# other (HTML, SVG, XML, script...) is served as bytes to download, so that
+# no user can put a page on the API's origin.
+SHOWN_TYPES = re.compile(r"(image|audio|video)/(?!.*(svg|xml|html|javascript|ecmascript))[^/]+"
+                         r"|text/plain|application/pdf")
+MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+")  # a well-formed type/subtype
+FILE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": PHOTO_HEADERS["Content-Security-Policy"],
+    "Cache-Control": "private",  # a file's bytes never change, and only some may read them
+    "Accept-Ranges": "bytes",
+}
+
+
+def _file_not_found(field=None):
+    # Also for a file the caller may not read: its existence is not revealed.
+    return error(400, "file_not_found", "There is no file with this id.", field)
+
+
+def _image_size(f):
+    """(MIME type, width, height) of a PNG, GIF, WebP or JPEG file, from its header; None if it is
+    none of them, or its header is cut short."""
+    head = f.read(30)
+    size = None
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
+        size = "image/png", *struct.unpack(">II", head[16:24])
+    elif head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        size = "image/gif", *struct.unpack("<HH", head[6:10])
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) == 30:
+        chunk, data = head[12:16], head[20:]
+        if chunk == b"VP8 " and data[3:6] == b"\x9d\x01\x2a":  # a key frame: its size follows
+            width, height = struct.unpack("<HH", data[6:10])
+            size = "image/webp", width & 0x3FFF, height & 0x3FFF
+        elif chunk == b"VP8L" and data[0] == 0x2F:  # lossless: 14 bits each, minus one
+            bits = int.from_bytes(data[1:5], "little")
+            size = "image/webp", (bits & 0x3FFF) + 1, (bits >> 14 & 0x3FFF) + 1
+        elif chunk == b"VP8X":  # extended: the canvas, 24 bits each, minus one
+            width, height = (int.from_bytes(data[n:n + 3], "little") + 1 for n in (4, 7))
+            size = "image/webp", width, height
+    elif head[:3] == b"\xff\xd8\xff":
+        f.seek(2)
+        size = _jpeg_size(f)
+    return size if size and size[1] and size[2] else None
+
+
+def _jpeg_size(f):
+    """("image/jpeg", width, height) from a JPEG's frame header (SOFn), read segment by segment."""
+    for _ in range(MAX_JPEG_SEGMENTS):
+        if f.read(1) != b"\xff":
+            return None
+        marker = f.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = f.read(1)
+        if not marker or marker[0] in (0xD9, 0xDA):  # the end, or the scan, before any frame header
+            return None
+        if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD8:  # markers without a segment
+            continue
+        length = f.read(2)
+        if len(length) < 2 or int.from_bytes(length, "big") < 2:
+            return None
+        if 0xC0 <= marker[0] <= 0xCF and marker[0] not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15
+            frame = f.read(5)
+            if len(frame) < 5:
+                return None
+            height, width = struct.unpack(">HH", frame[1:5])
+            return "image/jpeg", width, height
+        f.seek(int.from_bytes(length, "big") - 2, os.SEEK_CUR)
+    return None
+
+
+def _file_name(raw):
+    """An upload's name as the API keeps it: NFC, no path, no control characters or bidirectional
+    overrides, at most 255 characters (the end of the stem cut, the extension kept); "file" if empty."""
+    name = re.split(r"[/\\]", unicodedata.normalize("NFC", raw or ""))[-1]
+    name = "".join(c for c in name if unicodedata.category(c) != "Cc" and c not in BIDI_CONTROLS)
+    if len(name) > MAX_FILE_NAME_CHARS:
+        stem, dot, extension = name.rpartition(".")
+        if not (stem and 1 <= len(extension) <= MAX_EXTENSION_CHARS):
+            stem, dot, extension = name, "", ""
+        name = stem[:MAX_FILE_NAME_CHARS - len(dot + extension)] + dot + extension
+    return name or "file"
+
+
+def _declared_type(upload):
+    """A part's declared Content-Type if it is a well-formed type/subtype (lower-cased, without
+    parameters), else application/octet-stream."""
+    declared = (upload.content_type or "").split(";")[0].strip().lower()
+    return declared if MEDIA_TYPE.fullmatch(declared) else "application/octet-stream"
+
+
+def _file_part():
+    """The first part of a multipart body that has a file name, or None."""
+    try:
+        return next((part for part in bottle.request.files.values() if part.raw_filename is not None), None)
+    except (bottle.HTTPError, ValueError, IndexError, KeyError):  # a malformed body
+        return None
+
+
+def _insert_file(conn, owner_id, name, declared_type, f, created_at):
+    """Store a file from a seekable binary file object, a chunk at a time; its row (id, json)."""
+    image = _image_size(f)
+    content_type, width, height = image or (declared_type, None, None)
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    file_id = conn.execute(
+        "INSERT INTO files (owner_id, name, content_type, size, width, height, etag, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, '', ?)",
+        (owner_id, name, content_type, size, width, height, created_at),
+    ).lastrowid
+    digest = hashlib.sha256()
+    if hasattr(conn, "blobopen"):  # Python 3.11+: written in place, a chunk at a time
+        conn.execute("INSERT INTO file_contents (file_id, data) VALUES (?, zeroblob(?))", (file_id, size))
+        with conn.blobopen("file_contents", "data", file_id) as blob:
+            for chunk in iter(functools.partial(f.read, FILE_CHUNK_BYTES), b""):
+                blob.write(chunk)
+                digest.update(chunk)
+    else:  # the whole file in memory once
+        data = f.read()
+        digest.update(data)
+        conn.execute("INSERT INTO file_contents (file_id, data) VALUES (?, ?)", (file_id, data))
+    conn.execute("UPDATE files SET etag = ? WHERE id = ?", ('"' + digest.hexdigest()[:32] + '"', file_id))
+    return conn.execute("SELECT id, json FROM files WHERE id = ?", (file_id,)).fetchone()
+
+
+def _own_files(conn, me, file_ids, now):
+    """Rows (id, json) of files the caller uploaded and may send, in the order of `file_ids`."""
+    rows = {row["id"]: row for row in conn.execute(
+        "SELECT id, json FROM files WHERE id IN (SELECT value FROM json_each(?)) AND owner_id = ?"
+        " AND (created_at >= ? OR EXISTS (SELECT 1 FROM message_files WHERE file_id = files.id))",
+        (_to_json(file_ids), me, _iso(now - UNSENT_FILE_SECONDS)),
+    )}
+    if len(rows) < len(file_ids):
+        raise _file_not_found("file_ids")
+    return [rows[file_id] for file_id in file_ids]
+
+
+def _delete_unsent_files(conn, now, file_ids=None):
+    """Delete the files older than a day that no message carries: of `file_ids`, or all of them."""
+    unsent = "created_at < ? AND NOT EXISTS (SELECT 1 FROM message_files WHERE file_id = files.id)"
+    cutoff = _iso(now - UNSENT_FILE_SECONDS)
+    if file_ids is None:
+        conn.execute("DELETE FROM files WHERE " + unsent, (cutoff,))
+    elif file_ids:
+        conn.execute("DELETE FROM files WHERE id IN (SELECT value FROM json_each(?)) AND " + unsent,
+                     (_to_json(file_ids), cutoff))
+
+
+@route("POST", "/files", upload=_body(["file"], file=dict(BINARY, description="Any file; name: file")),
+       returns=_ref("File"), errors=("missing_field", "invalid_field", "payload_too_large"))
+def upload_file(app, db, me):
+    """Upload a file to send with messages (multipart/form-data, one file part); its file object."""
+    limit = app.options.max_file_bytes
+    too_large = error(413, "payload_too_large", f"A file is limited to {limit} bytes.")
+    if bottle.request.content_length > limit + MULTIPART_OVERHEAD:
+        raise too_large
+    upload = _file_part()
+    if upload is None:
+        raise error(400, "missing_field", "Send the file as a file part of multipart/form-data.", "file")
+    size = upload.file.seek(0, os.SEEK_END)
+    if size > limit:
+        raise too_large
+    if size == 0:
+        raise _invalid("file", "The file is empty.")
+    upload.file.seek(0)
+    with db.transaction() as conn:
+        row = _insert_file(conn, me, _file_name(upload.raw_filename), _declared_type(upload), upload.file,
+                           _iso(time.time()))
+    return _json_text(row["json"])
+
+
+def _readable_file(conn, me, file_id, now):
+    """A file the caller may read (its uploader, or a member of a chat where it was sent), or None."""
+    return conn.execute(
+        "SELECT * FROM files AS f WHERE id = ? AND (EXISTS (SELECT 1 FROM message_files AS mf"
+        "   JOIN messages AS m ON m.id = mf.message_id"
+        "   JOIN chat_members AS cm ON cm.chat_id = m.chat_id AND cm.user_id = ? WHERE mf.file_id = f.id)"
+        " OR (owner_id = ? AND (created_at >= ?"
+        "   OR EXISTS (SELECT 1 FROM message_files WHERE file_id = f.id))))",
+        (file_id, me, me, _iso(now - UNSENT_FILE_SECONDS)),
+    ).fetchone()
+
+
+def _content_disposition(kind, name):
+    """inline or attachment, with the name as UTF-8 (filename*) and as ASCII for old clients."""
+    ascii_name = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
+
+
+def _byte_range(header, size):
+    """(start, end) of the one range a Range header asks for; None for the whole file (no header,
+    a malformed one, or several ranges); raises 416 for a range wholly past the end."""
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not match or not (match[1] or match[2]):
+        return None
+    # int() refuses more than 4300 digits; anything past 20 is past every file's end.
+    first, last = (int(digits[:20]) if digits else None for digits in match.groups())
+    if first is None:  # the last `last` bytes
+        start, end = max(size - last, 0), size if last else 0
+    elif last is not None and last < first:
+        return None  # not a range: the whole file
+    else:
+        start, end = first, size if last is None else min(last + 1, size)
+    if start >= end:
+        raise error(416, "range_not_satisfiable", f"The range lies past the file's end ({size} bytes).",
+                    headers={"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+def _file_chunks(db, file_id, start, end):
+    """The bytes start..end of a file, a chunk at a time, from one borrowed connection."""
+    with db.connection() as conn:
+        if hasattr(conn, "blobopen"):
+            try:
+                blob = conn.blobopen("file_contents", "data", file_id, readonly=True)
+            except sqlite3.OperationalError:  # deleted since the answer began
+                return
+            with blob:
+                blob.seek(start)
+                while start < end:
+                    chunk = blob.read(min(FILE_CHUNK_BYTES, end - start))
+                    start += len(chunk)
+                    yield chunk
+            return
+        while start < end:  # substr() counts from 1
+            row = conn.execute("SELECT substr(data, ?, ?) FROM file_contents WHERE file_id = ?",
+                               (start + 1, min(FILE_CHUNK_BYTES, end - start), file_id)).fetchone()
+            if not row or not row[0]:
+                return
+            start += len(row[0])
+            yield row[0]
+
+
+@route("GET", "/files/<file_id>", headers={"Range": _text(), "If-None-Match": _text(), "If-Range": _text()},
+       returns=None, media={"*/*": BINARY}, errors=("file_not_found", "range_not_satisfiable"), answers={
+           "206": {"description": "The range asked for, with Content-Range.",
+                   "content": {"*/*": {"schema": BINARY}}},
+           "304": NOT_MODIFIED})
+def get_file(db, me, file_id):
+    """A file's bytes, to its uploader and the members of chats it was sent to; Range, ETag and 304."""
+    file_id = _path_id(file_id, "file_id")
+    with db.connection() as conn:
+        row = _readable_file(conn, me, file_id, time.time())
+    if row is None:
+        raise _file_not_found()
+    disposition = _content_disposition("inline" if row["width"] is not None else "attachment", row["name"])
+    headers = dict(FILE_HEADERS, ETag=row["etag"], **{"Content-Disposition": disposition})
+    if _etag_matches(row["etag"]):
+        return bottle.HTTPResponse(status=304, headers=headers)
+    shown = SHOWN_TYPES.fullmatch(row["content_type"])
+    content_type = row["content_type"] if shown else "application/octet-stream"
+    size, span, status = row["size"], None, 200
+    if _header("If-Range", row["etag"]) == row["etag"]:  # a range of the bytes the client has
+        span = _byte_range(_header("Range"), size)
+    if span:
+        status = 206
+        headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
+    start, end = span or (0, size)
+    headers["Content-Length"] = str(end - start)
+    return bottle.HTTPResponse(_file_chunks(db, file_id, start, end), status, headers,
+                               content_type=content_type)
 
 
 # ---------------------------------------------------------------------------
@@ -2145,6 +2561,9 @@ class Feed:
                 " (SELECT id FROM updates WHERE created_at >= ? ORDER BY id LIMIT 1)",
                 (now - self.retention_seconds,),
             )
+            # What else expires after a day goes at the same time (its readers skip it meanwhile).
+            conn.execute("DELETE FROM sends WHERE sent_at < ?", (now - RETRY_SECONDS,))
+            _delete_unsent_files(conn, now)
 
     def read(self, db, user_id, offset, limit):
         """A user's updates from `offset` on, at most `limit`: rows of (update id, type, JSON text)."""
@@ -2492,9 +2911,7 @@ def _operation(r, contract, operation_id):
     )
     content = {"application/json": {"schema": contract.returns}} if contract.returns else {}
     content.update({media: {"schema": schema} for media, schema in (contract.media or {}).items()})
-    responses = {"200": {"description": "Success.", "content": content}}
-    if contract.media and "image/*" in contract.media:
-        responses["304"] = {"description": "Not modified: the If-None-Match ETag is current."}
+    responses = {"200": {"description": "Success.", "content": content}, **(contract.answers or {})}
     errors = set(contract.errors) | {"internal_error"}
     if "db" in inspect.signature(r.callback).parameters or not contract.public:
         errors.add("unavailable")
@@ -2599,6 +3016,11 @@ def _bind(host, port):
     return sock
 
 
+def _body_limit(options):
+    """The largest body waitress lets through to the app (which answers 413 to many of them)."""
+    return BODY_LIMIT_FACTOR * max(options.max_file_bytes, options.max_photo_bytes)
+
+
 def _create_server(app, sock):
     """A waitress server for `app` on a bound socket, listening, not yet serving."""
     # waitress warns "Task queue depth is N" whenever every thread is busy:
@@ -2609,7 +3031,7 @@ def _create_server(app, sock):
         wsgi,
         sockets=[sock],
         threads=app.options.threads,
-        max_request_body_size=app.options.max_photo_bytes + MULTIPART_OVERHEAD + BODY_LIMIT_SLACK,
+        max_request_body_size=_body_limit(app.options),
         max_request_header_size=MAX_HEADER_BYTES,
         connection_limit=CONNECTION_LIMIT,
         channel_timeout=CHANNEL_TIMEOUT_SECONDS,

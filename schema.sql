@@ -1,4 +1,4 @@
--- The messenger database, schema version 3.
+-- The messenger database, schema version 4.
 --
 -- messenger.py runs this file in parts, each inside one transaction: on a
 -- new database (user_version 0) everything up to "-- upgrades", then the
@@ -92,20 +92,25 @@ CREATE INDEX IF NOT EXISTS chat_members_by_user ON chat_members (user_id, chat_i
 -- AUTOINCREMENT: a message's id is never handed out again, also after the
 -- newest is deleted, so ids grow with time and clients' cursors hold.
 CREATE TABLE IF NOT EXISTS messages (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
-    chat_id    INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
-    author_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-    text       TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    edited_at  TEXT,                        -- null until the text is edited
-    reactions  TEXT NOT NULL DEFAULT '{}',  -- {"emoji": [user id, ...], ...}
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    chat_id     INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    author_id   INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    text        TEXT NOT NULL,
+    files       TEXT NOT NULL DEFAULT '[]',  -- the file objects it carries, in the order sent
+    -- no foreign key: a reply stays one when the message it answers is deleted
+    reply_to_id INTEGER,
+    client_id   TEXT,                        -- what the sender's client knows it by
+    created_at  TEXT NOT NULL,
+    edited_at   TEXT,                        -- null until the text is edited
+    reactions   TEXT NOT NULL DEFAULT '{}',  -- {"emoji": [user id, ...], ...}
     -- The message as every answer shows it, written whenever the row is: a
     -- page of history, read far more often than messages are written, then
     -- joins stored text instead of building each object again.
-    json       TEXT GENERATED ALWAYS AS (json_object(
-                   'id', id, 'chat_id', chat_id, 'author_id', author_id, 'text', text,
-                   'created_at', created_at, 'edited_at', edited_at,
-                   'reactions', json(reactions))) STORED
+    json        TEXT GENERATED ALWAYS AS (json_object(
+                    'id', id, 'chat_id', chat_id, 'author_id', author_id, 'text', text,
+                    'files', json(files), 'reply_to_id', reply_to_id, 'client_id', client_id,
+                    'created_at', created_at, 'edited_at', edited_at,
+                    'reactions', json(reactions))) STORED
 );
 CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, id);
 
@@ -117,6 +122,52 @@ CREATE TABLE IF NOT EXISTS reactions (
     emoji      TEXT NOT NULL,
     PRIMARY KEY (message_id, user_id)
 ) WITHOUT ROWID;
+
+-- An uploaded file: what it is, here, and its bytes in file_contents, so
+-- that reading a file's object or a message's never reads its bytes.
+-- AUTOINCREMENT: a deleted file's id never names another.
+CREATE TABLE IF NOT EXISTS files (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner_id     INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,  -- the uploader
+    name         TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    width        INTEGER,                   -- of an image; null for anything else
+    height       INTEGER,
+    etag         TEXT NOT NULL,             -- from the bytes, which never change
+    created_at   TEXT NOT NULL,
+    json         TEXT GENERATED ALWAYS AS (json_object(
+                     'id', id, 'name', name, 'content_type', content_type, 'size', size,
+                     'width', width, 'height', height, 'url', '/files/' || id,
+                     'created_at', created_at)) STORED
+);
+-- A file that no message carries is deleted a day after its upload.
+CREATE INDEX IF NOT EXISTS files_by_created_at ON files (created_at);
+-- Written and read in chunks (incremental blob I/O), never whole.
+CREATE TABLE IF NOT EXISTS file_contents (
+    file_id INTEGER PRIMARY KEY REFERENCES files (id) ON DELETE CASCADE,
+    data    BLOB NOT NULL
+);
+-- Which messages carry which files: who may read a file, and when it goes.
+CREATE TABLE IF NOT EXISTS message_files (
+    file_id    INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+    message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    PRIMARY KEY (file_id, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS message_files_by_message ON message_files (message_id);
+
+-- The client_id of each send, for a day: a retry of the send answers the
+-- message it made, also after that message was deleted (message_id then
+-- names none: no foreign key).
+CREATE TABLE IF NOT EXISTS sends (
+    chat_id    INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    author_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    client_id  TEXT NOT NULL,
+    message_id INTEGER NOT NULL,
+    sent_at    REAL NOT NULL,               -- Unix time
+    PRIMARY KEY (chat_id, author_id, client_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sends_by_time ON sends (sent_at);
 
 -- One row per event per recipient, for GET /updates. Ids grow with time
 -- too: old rows are pruned only after new ones are written, so the largest
@@ -133,7 +184,7 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id);
 
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
 
 -- upgrades
 -- Each step brings a database from the version before it to its own.
@@ -229,6 +280,79 @@ CREATE TABLE updates (
 );
 CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id);
 PRAGMA user_version = 3;
+
+-- upgrade to 4: messages carry files, replies and their sender's client_id;
+-- files are stored; sends remember their client_id for a day. The stored
+-- JSON of messages changes, so the table is made again.
+CREATE TABLE messages_4 (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    chat_id     INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    author_id   INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    text        TEXT NOT NULL,
+    files       TEXT NOT NULL DEFAULT '[]',
+    reply_to_id INTEGER,
+    client_id   TEXT,
+    created_at  TEXT NOT NULL,
+    edited_at   TEXT,
+    reactions   TEXT NOT NULL DEFAULT '{}',
+    json        TEXT GENERATED ALWAYS AS (json_object(
+                    'id', id, 'chat_id', chat_id, 'author_id', author_id, 'text', text,
+                    'files', json(files), 'reply_to_id', reply_to_id, 'client_id', client_id,
+                    'created_at', created_at, 'edited_at', edited_at,
+                    'reactions', json(reactions))) STORED
+);
+INSERT INTO messages_4 (id, chat_id, author_id, text, created_at, edited_at, reactions)
+    SELECT id, chat_id, author_id, text, created_at, edited_at, reactions FROM messages;
+DROP TABLE messages;
+ALTER TABLE messages_4 RENAME TO messages;
+CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, id);
+
+-- An uploaded file: what it is, here, and its bytes in file_contents, so
+-- that reading a file's object or a message's never reads its bytes.
+-- AUTOINCREMENT: a deleted file's id never names another.
+CREATE TABLE IF NOT EXISTS files (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner_id     INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,  -- the uploader
+    name         TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    width        INTEGER,                   -- of an image; null for anything else
+    height       INTEGER,
+    etag         TEXT NOT NULL,             -- from the bytes, which never change
+    created_at   TEXT NOT NULL,
+    json         TEXT GENERATED ALWAYS AS (json_object(
+                     'id', id, 'name', name, 'content_type', content_type, 'size', size,
+                     'width', width, 'height', height, 'url', '/files/' || id,
+                     'created_at', created_at)) STORED
+);
+-- A file that no message carries is deleted a day after its upload.
+CREATE INDEX IF NOT EXISTS files_by_created_at ON files (created_at);
+-- Written and read in chunks (incremental blob I/O), never whole.
+CREATE TABLE IF NOT EXISTS file_contents (
+    file_id INTEGER PRIMARY KEY REFERENCES files (id) ON DELETE CASCADE,
+    data    BLOB NOT NULL
+);
+-- Which messages carry which files: who may read a file, and when it goes.
+CREATE TABLE IF NOT EXISTS message_files (
+    file_id    INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+    message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    PRIMARY KEY (file_id, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS message_files_by_message ON message_files (message_id);
+
+-- The client_id of each send, for a day: a retry of the send answers the
+-- message it made, also after that message was deleted (message_id then
+-- names none: no foreign key).
+CREATE TABLE IF NOT EXISTS sends (
+    chat_id    INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    author_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    client_id  TEXT NOT NULL,
+    message_id INTEGER NOT NULL,
+    sent_at    REAL NOT NULL,               -- Unix time
+    PRIMARY KEY (chat_id, author_id, client_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sends_by_time ON sends (sent_at);
+PRAGMA user_version = 4;
 
 -- search-index
 -- What follows runs only where SQLite has FTS5 (3.34+ for trigrams); where

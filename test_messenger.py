@@ -1228,8 +1228,8 @@ def test_get_chat_unknown(ann):
 def test_send_message_returns_it(ann, chat):
     message = send(ann, chat["id"], "hello\n\tworld")
     assert message == {"id": message["id"], "chat_id": chat["id"], "author_id": ann.user["id"],
-                       "text": "hello\n\tworld", "created_at": message["created_at"],
-                       "edited_at": None, "reactions": {}}
+                       "text": "hello\n\tworld", "files": [], "reply_to_id": None, "client_id": None,
+                       "created_at": message["created_at"], "edited_at": None, "reactions": {}}
 
 
 def test_send_message_moves_authors_read_mark(ann, bob, chat):
@@ -1302,7 +1302,8 @@ def test_history_after(ann, chat, history):
 def test_history_message_objects(ann, chat, history):
     body = ann.get(f"/chats/{chat['id']}/messages", params={"limit": 1}).json
     assert body == {"messages": [{"id": history[-1], "chat_id": chat["id"], "author_id": ann.user["id"],
-                                  "text": "4", "created_at": body["messages"][0]["created_at"],
+                                  "text": "4", "files": [], "reply_to_id": None, "client_id": None,
+                                  "created_at": body["messages"][0]["created_at"],
                                   "edited_at": None, "reactions": {}}],
                     "has_more": True}
 
@@ -2269,8 +2270,8 @@ def test_database_of_version_1_is_upgraded(tmp_path):
     app.db.close()
     assert found_messages == history
     assert [user["username"] for user in found] == ["Пётр"]
-    assert history == [{"id": 1, "chat_id": 1, "author_id": 2, "text": "hi", "created_at": "t",
-                        "edited_at": None, "reactions": {}}]
+    assert history == [{"id": 1, "chat_id": 1, "author_id": 2, "text": "hi", "files": [], "reply_to_id": None,
+                        "client_id": None, "created_at": "t", "edited_at": None, "reactions": {}}]
     assert query(app, "PRAGMA user_version") == [(messenger.SCHEMA_VERSION,)]
     assert schema_shape(old) == schema_shape(fresh)
 
@@ -2888,8 +2889,8 @@ def test_openapi_accepts_null_where_the_server_does(api, path, method, field):
 
 def test_answer_checker_finds_an_answer_off_its_description(app):
     doc = messenger.openapi_document(app, "http://localhost")
-    message = {"id": 1, "chat_id": 1, "author_id": 1, "text": "hi", "created_at": "t", "edited_at": None,
-               "reactions": {}}
+    message = {"id": 1, "chat_id": 1, "author_id": 1, "text": "hi", "files": [], "reply_to_id": None,
+               "client_id": None, "created_at": "t", "edited_at": None, "reactions": {}}
     assert schema_errors(messenger._ref("Message"), message, doc) == []
     assert schema_errors(messenger._ref("Message"), dict(message, extra=1), doc) == [
         "$: 'extra' is not in the description"]
