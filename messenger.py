@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import html
 import inspect
+import io
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+import zlib
 
 import bottle
 import waitress.server
@@ -2717,12 +2719,41 @@ DEMO_CHATS = [
         ("ann", "A group for Saturday, so the three of us can plan together."),
         ("bob", "I'll bring the frisbee."),
         ("carol", "My sister is coming too, with her kite!"),
+        ("carol", "This is the kite."),
         ("ann", "Lovely. See you all at 10 at the entrance."),
     ]),
 ]
 DEMO_EDIT = ("Saturday in the park", 1, "I'll bring the frisbee and a ball.")  # the second message
+# (chat, message number): the file it carries, (name, content type, bytes), made when seeded.
+DEMO_FILES = {
+    ("Saturday in the park", 3): ("kite.png", "image/png", lambda: _demo_picture()),
+    (None, 3): ("picnic-list.txt", "text/plain", lambda: b"Sandwiches\nLemonade\nFrisbee\nA blanket\n"),
+}
+DEMO_REPLIES = {("Saturday in the park", 4): 3}  # Ann's last message answers Carol's kite
+DEMO_PICTURE_SIZE = (160, 120)
 DEMO_REACTIONS = [("Saturday in the park", 2, "ann", "🪁"), ("Saturday in the park", 3, "bob", "👍"),
                   ("Saturday in the park", 3, "carol", "👍")]
+
+
+def _demo_picture():
+    """A PNG of a red kite in a blue sky over green grass, drawn pixel by pixel and packed with zlib."""
+    width, height = DEMO_PICTURE_SIZE
+
+    def colour(x, y):
+        if abs(x - 100) + abs(y - 40) < 22:  # the kite, a diamond
+            return b"\xe0\x30\x30"
+        if y > 90:
+            return b"\x4c\xa0\x3c"  # grass
+        return bytes((110 + y // 2, 170 + y // 2, 255))  # sky, lighter to the horizon
+
+    # Each row: filter type 0, then its pixels as RGB.
+    rows = b"".join(b"\0" + b"".join(colour(x, y) for x in range(width)) for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
 
 
 def _has_demo_logins(app):
@@ -2753,8 +2784,15 @@ def seed_demo(app):
             start = now - age * HOUR_SECONDS
             chat_id = _insert_demo_chat(conn, name, [ids[member] for member in members], _iso(start))
             for n, (author, text) in enumerate(texts):
-                message_id = _insert_message(conn, chat_id, ids[author], text, _iso(start + 60 * (n + 1)))
-                messages[name, n] = message_id
+                sent_at = _iso(start + 60 * (n + 1))
+                files = []
+                if (name, n) in DEMO_FILES:
+                    file_name, content_type, data = DEMO_FILES[name, n]
+                    files = [_insert_file(conn, ids[author], file_name, content_type, io.BytesIO(data()),
+                                          sent_at)]
+                reply_to_id = messages.get((name, DEMO_REPLIES.get((name, n))))
+                messages[name, n] = message_id = _insert_message(conn, chat_id, ids[author], text, sent_at,
+                                                                 files, reply_to_id)
                 # Each member has read up to their own last message: the rest is unread.
                 conn.execute("UPDATE chat_members SET last_read_id = ? WHERE chat_id = ? AND user_id = ?",
                              (message_id, chat_id, ids[author]))

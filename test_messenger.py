@@ -1,6 +1,7 @@
 """Tests for messenger, in the order of the API contract (README.md)."""
 
 import contextlib
+import datetime
 import hashlib
 import importlib.metadata
 import html
@@ -16,6 +17,7 @@ import signal
 import socket
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -26,6 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import wsgiref.simple_server
+import zlib
 
 import pytest
 import waitress.channel
@@ -107,7 +110,7 @@ def check_answer(app, environ, response):
     assert answer, f"{route.method} {route.rule} answered {status}, which its description lacks"
     media = {name.split("/")[0]: name for name in answer["content"]}
     documented = answer["content"].get(response.content_type) or answer["content"].get(
-        media.get(response.content_type.split("/")[0], ""))
+        media.get(response.content_type.split("/")[0], "*/*"))
     assert documented, f"{route.method} {route.rule} answered {response.content_type}, not documented"
     if response.content_type == "application/json":
         errors = schema_errors(documented["schema"], response.json, doc)
@@ -1974,6 +1977,568 @@ def test_find_messages_matches_a_reference(many_messages, query, chat_id, before
     assert found == reference[:limit]
 
 
+# Files (contract 5, files), and messages that carry them
+
+
+def multipart(filename, data, content_type="application/octet-stream", name="file"):
+    """A multipart/form-data body of one file part, built by hand so that any name can be sent:
+    (body, headers)."""
+    boundary = "boundary42"
+    disposition = "form-data" + (f'; name="{name}"' if name else "") + (
+        "" if filename is None else f'; filename="{filename}"')
+    head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n" + (
+        f"Content-Type: {content_type}\r\n" if content_type else "") + "\r\n"
+    return (head.encode() + data + f"\r\n--{boundary}--\r\n".encode(),
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def upload_file(client, data=b"hello", filename="notes.txt", content_type="text/plain", status=200, **parts):
+    body, headers = multipart(filename, data, content_type, **parts)
+    response = client.post("/files", body, headers=headers, status=status)
+    return response.json if status == 200 else response
+
+
+def png_header(width, height):
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+
+
+def jpeg_header(width, height, frame=0xC0):
+    """A JPEG's start: JFIF and a large EXIF segment, a Huffman table (C4, not a frame), the frame."""
+    segments = [(0xE0, b"JFIF\0\x01\x01\0\0\x01\0\x01\0\0"), (0xE1, b"Exif\0\0" + b"\0" * 3000),
+                (0xDB, b"\0" * 65), (0xC4, b"\0" * 30),
+                (frame, struct.pack(">BHHB", 8, height, width, 3) + b"\x01\x22\0\x02\x11\x01\x03\x11\x01")]
+    return b"\xff\xd8" + b"".join(bytes([0xFF, marker]) + struct.pack(">H", len(data) + 2) + data
+                                  for marker, data in segments) + b"\xff\xda" + b"\0" * 20
+
+
+def webp(chunk, data):
+    payload = b"WEBP" + chunk + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(payload)) + payload
+
+
+IMAGES = {
+    "png": (png_header(640, 480), "image/png", 640, 480),
+    "demo png": (messenger._demo_picture(), "image/png", *messenger.DEMO_PICTURE_SIZE),
+    "gif": (b"GIF89a" + struct.pack("<HH", 320, 200) + b"\0" * 20, "image/gif", 320, 200),
+    "gif87": (b"GIF87a" + struct.pack("<HH", 1, 1) + b"\0" * 20, "image/gif", 1, 1),
+    "jpeg": (jpeg_header(1920, 1080), "image/jpeg", 1920, 1080),
+    "progressive jpeg": (jpeg_header(800, 600, frame=0xC2), "image/jpeg", 800, 600),
+    "webp lossy": (webp(b"VP8 ", b"\x30\x01\x00\x9d\x01\x2a" + struct.pack("<HH", 400, 300) + b"\0" * 10),
+                   "image/webp", 400, 300),
+    "webp lossless": (webp(b"VP8L", b"\x2f" + (1023 | 767 << 14).to_bytes(4, "little") + b"\0" * 10),
+                      "image/webp", 1024, 768),
+    "webp extended": (webp(b"VP8X", b"\x10\0\0\0" + (4999).to_bytes(3, "little")
+                           + (2999).to_bytes(3, "little")),
+                      "image/webp", 5000, 3000),
+}
+
+
+def file_json(file_id, name, content_type, size, created_at, width=None, height=None):
+    return {"id": file_id, "name": name, "content_type": content_type, "size": size, "width": width,
+            "height": height, "url": f"/files/{file_id}", "created_at": created_at}
+
+
+def test_upload_file_answers_its_object(ann):
+    file = upload_file(ann, b"buy milk", "notes.txt", "text/plain")
+    assert file == file_json(1, "notes.txt", "text/plain", 8, file["created_at"])
+
+
+@pytest.mark.parametrize("kind", IMAGES)
+def test_upload_file_reads_image_dimensions(ann, kind):
+    data, content_type, width, height = IMAGES[kind]
+    file = upload_file(ann, data, "picture.bin", "application/octet-stream")
+    assert (file["content_type"], file["width"], file["height"]) == (content_type, width, height)
+
+
+def test_upload_file_image_is_known_by_its_bytes_not_its_declared_type(ann):
+    file = upload_file(ann, png_header(2, 3), "page.html", "text/html")
+    assert (file["content_type"], file["width"], file["height"]) == ("image/png", 2, 3)
+
+
+@pytest.mark.parametrize("data", [png_header(5, 5)[:20], b"\x89PNG\r\n\x1a\n", b"GIF89a\x01",
+                                  jpeg_header(5, 5)[:3000], b"\xff\xd8\xff\xd9", b"\xff\xd8\xff\xe0\x00",
+                                  webp(b"VP8 ", b"\0" * 10), b"RIFF\0\0\0\0WEBPVP8X", png_header(0, 5)])
+def test_upload_file_cut_short_image_is_not_an_image(ann, data):
+    file = upload_file(ann, data, "broken.png", "application/octet-stream")
+    assert (file["content_type"], file["width"], file["height"]) == ("application/octet-stream", None, None)
+
+
+@pytest.mark.parametrize("declared, kept", [
+    ("text/plain", "text/plain"), ("Application/PDF", "application/pdf"),
+    ("text/csv; charset=utf-8", "text/csv"), ("video/mp4", "video/mp4"),
+    ("image/png", "image/png"),  # not PNG bytes: the declared type, and no dimensions
+    (None, "application/octet-stream"), ("nonsense", "application/octet-stream"),
+    ("text/", "application/octet-stream"), ("a/b/c", "application/octet-stream"),
+    ("text plain/x", "application/octet-stream"),
+])
+def test_upload_file_keeps_a_well_formed_declared_type(ann, declared, kept):
+    file = upload_file(ann, b"some bytes", "a.bin", declared)
+    assert (file["content_type"], file["width"]) == (kept, None)
+
+
+@pytest.mark.parametrize("sent, kept", [
+    ("report.pdf", "report.pdf"), ("C:\\Users\\ann\\photo.png", "photo.png"), ("../../etc/passwd", "passwd"),
+    ("dir/", "file"), ("/", "file"), ("a\x01b\x7f.txt", "ab.txt"), ("tab\t.txt", "tab.txt"),
+    ("cafe\u0301.txt", "café.txt"), ("\u202egnp.exe", "gnp.exe"), ("фото отпуска.jpg", "фото отпуска.jpg"),
+    ("x" * 300 + ".pdf", "x" * 251 + ".pdf"), ("x" * 300, "x" * 255),
+    ("x" * 300 + ".extension-too-long", ("x" * 300 + ".extension-too-long")[:255]),
+])
+def test_upload_file_name_rules(ann, sent, kept):
+    assert upload_file(ann, filename=sent)["name"] == kept
+
+
+def test_upload_file_any_field_name_or_none(ann):
+    assert upload_file(ann, name="attachment")["name"] == "notes.txt"
+    assert upload_file(ann, name=None)["name"] == "notes.txt"
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"garbage", "multipart/form-data; boundary=xyz"),
+    (b"--xyz\r\n\r\n", "multipart/form-data"),
+    (b"--xyz\r\nContent-Type: image/png\r\n\r\nabc", "multipart/form-data; boundary=xyz"),
+    (b"--xyz\r\nno colon here\r\n\r\nx\r\n--xyz--\r\n", "multipart/form-data; boundary=xyz"),
+    (b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\njust a field\r\n--xyz--\r\n',
+     "multipart/form-data; boundary=xyz"),
+    (b'--xyz\r\nContent-Disposition: form-data; name="f"; filename="\xff.txt"\r\n\r\nx\r\n--xyz--\r\n',
+     "multipart/form-data; boundary=xyz"),
+    (b'--xyz\r\nContent-Disposition: form-data; name="f"; filename="nul\0.txt"\r\n\r\nx\r\n--xyz--\r\n',
+     "multipart/form-data; boundary=xyz"),
+    (b'--xyz\r\nContent-Disposition: form-data; name="f"; filename=""\r\n\r\n\r\n--xyz--\r\n',
+     "multipart/form-data; boundary=xyz"),  # what a browser sends for an empty file input
+    (b'{"file": "x"}', "application/json"),
+    (b"", "multipart/form-data; boundary=xyz"),
+])
+def test_upload_file_without_a_file_part_is_missing_field(ann, body, content_type):
+    response = ann.post("/files", body, headers={"Content-Type": content_type}, status=400)
+    assert error(response) == ("missing_field", "file")
+
+
+def test_upload_file_empty_is_invalid(ann):
+    assert error(upload_file(ann, b"", status=400)) == ("invalid_field", "file")
+
+
+def test_upload_file_of_exactly_the_limit_and_one_byte_more(ann):
+    limit = messenger.MAX_FILE_BYTES
+    assert upload_file(ann, b"\1" * limit)["size"] == limit
+    assert error(upload_file(ann, b"\1" * (limit + 1), status=413)) == ("payload_too_large", None)
+
+
+def test_upload_file_limit_is_configurable(make_app):
+    client = logged_in(make_app(max_file_bytes=1000), "ann@example.com")
+    assert upload_file(client, b"x" * 1000)["size"] == 1000
+    assert error(upload_file(client, b"x" * 1001, status=413)) == ("payload_too_large", None)
+    assert error(upload_file(client, b"x" * 100_000, status=413)) == ("payload_too_large", None)
+
+
+def test_upload_file_needs_a_session(api):
+    assert error(upload_file(api, status=401)) == ("not_authorized", None)
+
+
+def test_get_file_gives_its_bytes(ann):
+    file = upload_file(ann, b"buy milk", "notes.txt", "text/plain")
+    response = ann.get(file["url"])
+    assert (response.status_int, response.body, response.content_type) == (200, b"buy milk", "text/plain")
+
+
+def test_get_file_headers(ann):
+    file = upload_file(ann, png_header(4, 4), "фото 1.png", "image/png")
+    headers = ann.get(file["url"]).headers
+    assert headers["Content-Disposition"] == (
+        "inline; filename=\"____ 1.png\"; filename*=UTF-8''%D1%84%D0%BE%D1%82%D0%BE%201.png")
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Content-Security-Policy"] == messenger.PHOTO_HEADERS["Content-Security-Policy"]
+    assert (headers["Accept-Ranges"], headers["Cache-Control"]) == ("bytes", "private")
+    assert re.fullmatch(r'"[0-9a-f]{32}"', headers["ETag"])
+
+
+@pytest.mark.parametrize("declared, data, served, disposition", [
+    ("image/png", png_header(1, 1), "image/png", "inline"),
+    ("text/html", b"<script>alert(1)</script>", "application/octet-stream", "attachment"),
+    ("application/xhtml+xml", b"<html/>", "application/octet-stream", "attachment"),
+    ("image/svg+xml", b"<svg onload='alert(1)'/>", "application/octet-stream", "attachment"),
+    ("text/xml", b"<x/>", "application/octet-stream", "attachment"),
+    ("application/xml", b"<x/>", "application/octet-stream", "attachment"),
+    ("text/javascript", b"alert(1)", "application/octet-stream", "attachment"),
+    ("application/javascript", b"alert(1)", "application/octet-stream", "attachment"),
+    ("application/json", b"{}", "application/octet-stream", "attachment"),
+    ("text/plain", b"hello", "text/plain", "attachment"),
+    ("application/pdf", b"%PDF-1.4", "application/pdf", "attachment"),
+    ("video/mp4", b"\0\0\0\x18ftypmp42", "video/mp4", "attachment"),
+    ("audio/mpeg", b"ID3", "audio/mpeg", "attachment"),
+    ("image/png", b"<html>not a png</html>", "image/png", "attachment"),
+])
+def test_get_file_serves_nothing_a_browser_would_run(ann, declared, data, served, disposition):
+    response = ann.get(upload_file(ann, data, "x", declared)["url"])
+    assert response.content_type == served
+    assert response.headers["Content-Disposition"].startswith(disposition + ";")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_get_file_etag_gives_304(ann):
+    url = upload_file(ann)["url"]
+    etag = ann.get(url).headers["ETag"]
+    response = ann.get(url, headers={"If-None-Match": etag}, status=304)
+    assert response.body == b"" and response.headers["ETag"] == etag
+
+
+DIGITS = bytes(range(100))
+
+
+@pytest.mark.parametrize("header, status, content_range, body", [
+    ("bytes=0-9", 206, "bytes 0-9/100", DIGITS[:10]),
+    ("bytes=10-", 206, "bytes 10-99/100", DIGITS[10:]),
+    ("bytes=-5", 206, "bytes 95-99/100", DIGITS[95:]),
+    ("bytes=90-200", 206, "bytes 90-99/100", DIGITS[90:]),
+    ("bytes=-500", 206, "bytes 0-99/100", DIGITS),
+    ("bytes=99-99", 206, "bytes 99-99/100", DIGITS[99:]),
+    ("bytes=0-1,5-6", 200, None, DIGITS),  # several ranges: the whole file
+    ("bytes=5-1", 200, None, DIGITS),
+    ("items=0-1", 200, None, DIGITS),
+    ("bytes=-", 200, None, DIGITS),
+])
+def test_get_file_range(ann, header, status, content_range, body):
+    response = ann.get(upload_file(ann, DIGITS)["url"], headers={"Range": header}, status=status)
+    assert (response.body, response.headers.get("Content-Range")) == (body, content_range)
+    assert response.headers["Content-Length"] == str(len(body))
+
+
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=100-200", "bytes=-0", "bytes=" + "9" * 5000 + "-"])
+def test_get_file_range_past_the_end_is_416(ann, header):
+    response = ann.get(upload_file(ann, DIGITS)["url"], headers={"Range": header}, status=416)
+    assert error(response) == ("range_not_satisfiable", None)
+    assert response.headers["Content-Range"] == "bytes */100"
+
+
+def test_get_file_range_of_other_bytes_gives_the_whole_file(ann):
+    url = upload_file(ann, DIGITS)["url"]
+    etag = ann.get(url).headers["ETag"]
+    assert ann.get(url, headers={"Range": "bytes=0-9", "If-Range": etag}, status=206).body == DIGITS[:10]
+    assert ann.get(url, headers={"Range": "bytes=0-9", "If-Range": '"other"'}, status=200).body == DIGITS
+
+
+def test_get_file_of_many_chunks(ann):
+    data = os.urandom(messenger.FILE_CHUNK_BYTES * 2 + 12345)
+    url = upload_file(ann, data)["url"]
+    assert ann.get(url).body == data
+    start = messenger.FILE_CHUNK_BYTES - 10
+    assert ann.get(url, headers={"Range": f"bytes={start}-"}, status=206).body == data[start:]
+
+
+@pytest.mark.parametrize("file_id", ["0", "-1", "abc", "%EF%BC%91", "99999999999999999999"])
+def test_get_file_bad_id_is_invalid_field(ann, file_id):
+    assert error(ann.get(f"/files/{file_id}", status=400)) == ("invalid_field", "file_id")
+
+
+def file_in_chat(sender, chat_id, data=b"hello"):
+    """A file `sender` uploads and sends to a chat: (file, message)."""
+    file = upload_file(sender, data)
+    return file, sender.post_json(f"/chats/{chat_id}/messages", {"file_ids": [file["id"]]}).json
+
+
+def test_get_file_to_the_members_of_a_chat_it_was_sent_to(ann, bob, chat):
+    file, _ = file_in_chat(ann, chat["id"])
+    assert bob.get(file["url"]).body == b"hello"
+
+
+def test_get_file_to_a_stranger_is_what_a_missing_id_gets(ann, login, chat):
+    file, _ = file_in_chat(ann, chat["id"])
+    stranger = login()
+    answer, missing = stranger.get(file["url"], status=400), stranger.get("/files/999", status=400)
+    assert (answer.body, answer.headerlist) == (missing.body, missing.headerlist)
+    assert error(answer) == ("file_not_found", None)
+
+
+def test_get_file_unsent_only_to_its_uploader(ann, bob, chat):
+    url = upload_file(ann)["url"]
+    assert ann.get(url).body == b"hello"
+    assert error(bob.get(url, status=400)) == ("file_not_found", None)
+
+
+def test_get_file_lost_by_a_former_member(ann, bob, carol, group):
+    file, _ = file_in_chat(ann, group["id"])
+    assert carol.get(file["url"]).body == b"hello"
+    ann.delete(f"/chats/{group['id']}/members/{carol.user['id']}")
+    assert error(carol.get(file["url"], status=400)) == ("file_not_found", None)
+    assert bob.get(file["url"]).body == b"hello"
+
+
+def age_files(app, hours):
+    """Make every file `hours` older."""
+    with app.db.transaction() as conn:
+        for file_id, created_at in conn.execute("SELECT id, created_at FROM files").fetchall():
+            moment = datetime.datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp()
+            conn.execute("UPDATE files SET created_at = ? WHERE id = ?",
+                         (messenger._iso(moment - hours * 3600), file_id))
+
+
+def test_unsent_file_is_gone_after_a_day(app, ann, chat):
+    file = upload_file(ann)
+    age_files(app, 25)
+    assert error(ann.get(file["url"], status=400)) == ("file_not_found", None)
+    response = ann.post_json(f"/chats/{chat['id']}/messages", {"file_ids": [file["id"]]}, status=400)
+    assert error(response) == ("file_not_found", "file_ids")
+    app.feed.pruned_at = 0  # the next update prunes
+    send(ann, chat["id"], "prune now")
+    assert query(app, "SELECT count(*) FROM files") == [(0,)]
+    assert query(app, "SELECT count(*) FROM file_contents") == [(0,)]
+
+
+def test_unsent_file_is_kept_for_a_day(app, ann, chat):
+    file = upload_file(ann)
+    age_files(app, 23)
+    app.feed.pruned_at = 0
+    send(ann, chat["id"], "prune now")
+    assert ann.get(file["url"]).body == b"hello"
+
+
+def test_file_is_deleted_with_the_last_message_that_carries_it(app, ann, bob, chat, group):
+    file, first = file_in_chat(ann, chat["id"])
+    second = ann.post_json(f"/chats/{group['id']}/messages", {"file_ids": [file["id"]]}).json
+    age_files(app, 48)
+    ann.delete(f"/chats/{chat['id']}/messages/{first['id']}")
+    assert bob.get(file["url"]).body == b"hello"  # the group's message still carries it
+    ann.delete(f"/chats/{group['id']}/messages/{second['id']}")
+    assert error(ann.get(file["url"], status=400)) == ("file_not_found", None)
+    assert query(app, "SELECT count(*) FROM file_contents") == [(0,)]
+
+
+def test_file_of_a_deleted_message_stays_the_uploaders_for_a_day(ann, bob, chat):
+    file, message = file_in_chat(ann, chat["id"])
+    ann.delete(f"/chats/{chat['id']}/messages/{message['id']}")
+    assert error(bob.get(file["url"], status=400)) == ("file_not_found", None)
+    assert ann.get(file["url"]).body == b"hello"
+
+
+def test_old_file_carried_by_a_message_can_be_sent_again(app, ann, chat, group):
+    file, _ = file_in_chat(ann, chat["id"])
+    age_files(app, 48)
+    again = ann.post_json(f"/chats/{group['id']}/messages", {"file_ids": [file["id"]]}).json
+    assert [(f["id"], f["name"]) for f in again["files"]] == [(file["id"], "notes.txt")]
+
+
+def test_send_message_with_files_and_no_text(ann, bob, chat):
+    picture, notes = upload_file(ann, png_header(8, 6), "p.png"), upload_file(ann, b"text", "notes.txt")
+    message = ann.post_json(f"/chats/{chat['id']}/messages", {"file_ids": [notes["id"], picture["id"]]}).json
+    assert (message["text"], message["files"]) == ("", [notes, picture])
+    assert bob.get(f"/chats/{chat['id']}/messages").json["messages"] == [message]
+    assert bob.get(f"/chats/{chat['id']}").json["last_message"] == message
+    assert updates(bob)[-1] == {"update_id": updates(bob)[-1]["update_id"], "type": "message",
+                                "message": message}
+
+
+@pytest.mark.parametrize("text", [None, ""])
+def test_send_message_with_files_text_may_be_empty(ann, chat, text):
+    file = upload_file(ann)
+    body = {"text": text, "file_ids": [file["id"]]}
+    assert ann.post_json(f"/chats/{chat['id']}/messages", body).json["text"] == ""
+
+
+def test_send_message_with_text_and_files(ann, chat):
+    file = upload_file(ann)
+    message = ann.post_json(f"/chats/{chat['id']}/messages", {"text": "see", "file_ids": [file["id"]]}).json
+    assert (message["text"], message["files"]) == ("see", [file])
+
+
+@pytest.mark.parametrize("body, mnemonic, field", [
+    ({"file_ids": []}, "missing_field", "text"),
+    ({"file_ids": None, "text": ""}, "invalid_field", "text"),
+    ({"file_ids": [1], "text": " "}, "invalid_field", "text"),
+    ({"file_ids": "1"}, "invalid_field", "file_ids"),
+    ({"file_ids": [1, 1]}, "invalid_field", "file_ids"),
+    ({"file_ids": ["1"]}, "invalid_field", "file_ids"),
+    ({"file_ids": [True]}, "invalid_field", "file_ids"),
+    ({"file_ids": [0]}, "invalid_field", "file_ids"),
+    ({"file_ids": [2**63]}, "invalid_field", "file_ids"),
+    ({"file_ids": list(range(1, 12))}, "invalid_field", "file_ids"),
+    ({"file_ids": [999]}, "file_not_found", "file_ids"),
+    ({"file_ids": [1, 999]}, "file_not_found", "file_ids"),
+])
+def test_send_message_bad_files(ann, chat, body, mnemonic, field):
+    upload_file(ann)
+    response = ann.post_json(f"/chats/{chat['id']}/messages", body, status=400)
+    assert error(response) == (mnemonic, field)
+
+
+def test_send_message_of_ten_files(ann, chat):
+    ids = [upload_file(ann, bytes([n]))["id"] for n in range(10)]
+    message = ann.post_json(f"/chats/{chat['id']}/messages", {"file_ids": ids}).json
+    assert [file["id"] for file in message["files"]] == ids
+
+
+def test_send_message_with_someone_elses_file_is_not_found(ann, bob, chat):
+    file = upload_file(bob)
+    response = ann.post_json(f"/chats/{chat['id']}/messages", {"file_ids": [file["id"]]}, status=400)
+    assert error(response) == ("file_not_found", "file_ids")
+
+
+def test_send_message_with_a_file_received_is_not_found(ann, bob, chat):
+    file, _ = file_in_chat(bob, chat["id"])
+    response = ann.post_json(f"/chats/{chat['id']}/messages", {"file_ids": [file["id"]]}, status=400)
+    assert error(response) == ("file_not_found", "file_ids")
+
+
+def test_edit_message_with_files_may_empty_its_text(ann, chat):
+    file = upload_file(ann)
+    message = ann.post_json(f"/chats/{chat['id']}/messages",
+                            {"text": "caption", "file_ids": [file["id"]]}).json
+    edited = ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}", {"text": ""}).json
+    assert (edited["text"], edited["files"]) == ("", [file])
+
+
+@pytest.mark.parametrize("body, mnemonic", [({"text": ""}, "invalid_field"), ({}, "missing_field")])
+def test_edit_message_without_files_needs_text(ann, chat, body, mnemonic):
+    message = send(ann, chat["id"], "hi")
+    response = ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}", body, status=400)
+    assert error(response) == (mnemonic, "text")
+
+
+def test_search_messages_finds_words_of_file_names(ann, bob, chat):
+    file, message = file_in_chat(ann, chat["id"])
+    report = upload_file(ann, b"%PDF", "Report-2026.final.pdf", "application/pdf")
+    found = ann.post_json(f"/chats/{chat['id']}/messages",
+                          {"text": "the numbers", "file_ids": [report["id"]]}).json
+    for words in ("report", "2026", "pdf", "final", "numbers report"):
+        assert bob.get("/messages", params={"query": words}).json["messages"] == [found], words
+    assert search_texts(bob, "notes") == ([""], False)  # the first file's name, notes.txt
+
+
+def test_search_messages_finds_file_names_of_edited_messages(ann, chat):
+    file = upload_file(ann, filename="invoice.pdf")
+    message = ann.post_json(f"/chats/{chat['id']}/messages", {"text": "one", "file_ids": [file["id"]]}).json
+    assert search_texts(ann, "invoice") == (["one"], False)  # indexed now
+    ann.put_json(f"/chats/{chat['id']}/messages/{message['id']}", {"text": "two"})
+    assert search_texts(ann, "invoice") == (["two"], False)
+
+
+# Replies
+
+
+def test_send_reply(ann, bob, chat):
+    first = send(ann, chat["id"], "question?")
+    reply = bob.post_json(f"/chats/{chat['id']}/messages",
+                          {"text": "answer", "reply_to_id": first["id"]}).json
+    assert reply["reply_to_id"] == first["id"]
+    assert ann.get(f"/chats/{chat['id']}/messages/{first['id']}").json == first
+
+
+def test_reply_stays_when_its_message_is_deleted(ann, bob, chat):
+    first = send(ann, chat["id"], "question?")
+    reply = bob.post_json(f"/chats/{chat['id']}/messages",
+                          {"text": "answer", "reply_to_id": first["id"]}).json
+    ann.delete(f"/chats/{chat['id']}/messages/{first['id']}")
+    assert bob.get(f"/chats/{chat['id']}/messages/{reply['id']}").json["reply_to_id"] == first["id"]
+    response = bob.get(f"/chats/{chat['id']}/messages/{first['id']}", status=400)
+    assert error(response) == ("message_not_found", None)
+
+
+@pytest.mark.parametrize("reply_to_id, mnemonic", [
+    ("other chat", "message_not_found"), (999, "message_not_found"), ("1", "invalid_field"),
+    (0, "invalid_field"), (True, "invalid_field"),
+])
+def test_send_reply_bad_reply_to_id(ann, bob, chat, group, reply_to_id, mnemonic):
+    if reply_to_id == "other chat":
+        reply_to_id = send(ann, group["id"], "elsewhere")["id"]
+    body = {"text": "answer", "reply_to_id": reply_to_id}
+    response = ann.post_json(f"/chats/{chat['id']}/messages", body, status=400)
+    assert error(response) == (mnemonic, "reply_to_id")
+
+
+def test_get_message(ann, bob, chat):
+    message = send(ann, chat["id"], "hello")
+    assert bob.get(f"/chats/{chat['id']}/messages/{message['id']}").json == message
+
+
+def test_get_message_of_another_chat_is_not_found(ann, chat, group):
+    message = send(ann, group["id"], "hello")
+    response = ann.get(f"/chats/{chat['id']}/messages/{message['id']}", status=400)
+    assert error(response) == ("message_not_found", None)
+
+
+def test_get_message_of_others_chat_is_not_found(ann, login, chat):
+    message = send(ann, chat["id"], "hello")
+    response = login().get(f"/chats/{chat['id']}/messages/{message['id']}", status=400)
+    assert error(response) == ("chat_not_found", None)
+
+
+@pytest.mark.parametrize("message_id", ["0", "x", "%EF%BC%91", "99999999999999999999"])
+def test_get_message_bad_id(ann, chat, message_id):
+    response = ann.get(f"/chats/{chat['id']}/messages/{message_id}", status=400)
+    assert error(response) == ("invalid_field", "message_id")
+
+
+# Safe retries (client_id)
+
+
+def send_once(client, chat_id, client_id, text="hi", status=200, **fields):
+    body = dict(fields, text=text, client_id=client_id)
+    response = client.post_json(f"/chats/{chat_id}/messages", body, status=status)
+    return response.json if status == 200 else response
+
+
+def test_send_with_client_id_shows_it(ann, chat):
+    assert send_once(ann, chat["id"], "a1-b2")["client_id"] == "a1-b2"
+
+
+def test_send_retry_answers_the_first_message_and_sends_nothing(ann, bob, chat):
+    first = send_once(ann, chat["id"], "tx-1")
+    before = updates(bob)
+    assert send_once(ann, chat["id"], "tx-1", text="changed on retry") == first
+    assert updates(bob) == before
+    assert page(ann, chat) == ([first["id"]], False)
+
+
+def test_send_retry_answers_the_message_as_it_is_now(ann, chat):
+    first = send_once(ann, chat["id"], "tx-1")
+    edited = ann.put_json(f"/chats/{chat['id']}/messages/{first['id']}", {"text": "fixed"}).json
+    assert send_once(ann, chat["id"], "tx-1") == edited
+
+
+def test_send_retry_of_a_deleted_message_is_not_found(ann, chat):
+    first = send_once(ann, chat["id"], "tx-1")
+    ann.delete(f"/chats/{chat['id']}/messages/{first['id']}")
+    assert error(send_once(ann, chat["id"], "tx-1", status=400)) == ("message_not_found", "client_id")
+
+
+def test_send_client_id_is_per_author_and_chat(ann, bob, chat, group):
+    ids = {send_once(ann, chat["id"], "same")["id"], send_once(bob, chat["id"], "same")["id"],
+           send_once(ann, group["id"], "same")["id"]}
+    assert len(ids) == 3
+
+
+def test_send_client_id_a_day_later_is_a_new_send(app, ann, chat):
+    first = send_once(ann, chat["id"], "tx-1")
+    with app.db.transaction() as conn:
+        conn.execute("UPDATE sends SET sent_at = sent_at - ?", (messenger.RETRY_SECONDS + 1,))
+    again = send_once(ann, chat["id"], "tx-1")
+    assert again["id"] != first["id"] and again["client_id"] == "tx-1"
+    assert send_once(ann, chat["id"], "tx-1") == again
+
+
+def test_send_retry_is_checked_like_any_send(ann, chat):
+    send_once(ann, chat["id"], "tx-1")
+    assert error(send_once(ann, chat["id"], "tx-1", text="", status=400)) == ("invalid_field", "text")
+
+
+def test_send_retry_needs_no_file_or_reply_that_is_gone(app, ann, chat):
+    first = send(ann, chat["id"], "question")
+    file = upload_file(ann)
+    sent = send_once(ann, chat["id"], "tx-1", file_ids=[file["id"]], reply_to_id=first["id"])
+    ann.delete(f"/chats/{chat['id']}/messages/{first['id']}")
+    assert send_once(ann, chat["id"], "tx-1", file_ids=[file["id"]], reply_to_id=first["id"]) == sent
+
+
+@pytest.mark.parametrize("client_id", ["", "has space", "x" * 65, "ключ", "tab\t", 42, True, ["a"]])
+def test_send_bad_client_id(ann, chat, client_id):
+    assert error(send_once(ann, chat["id"], client_id, status=400)) == ("invalid_field", "client_id")
+
+
+def test_send_longest_client_id(ann, chat):
+    client_id = "".join(chr(c) for c in range(ord("!"), ord("~") + 1))[:64]
+    assert send_once(ann, chat["id"], client_id)["client_id"] == client_id
+
+
 # ---------------------------------------------------------------------------
 # The real server: waitress on a free port, many threads at once
 # ---------------------------------------------------------------------------
@@ -3180,9 +3745,25 @@ def test_demo_fills_an_empty_database(make_app):
     history = client.get(f"/chats/{chats[1]['id']}/messages").json["messages"]
     assert len(history) == 7 and history == sorted(history, key=lambda m: m["created_at"])
     group = client.get(f"/chats/{chats[0]['id']}/messages").json["messages"]
-    assert [m["edited_at"] is not None for m in group] == [False, True, False, False]
-    assert [m["reactions"] for m in group] == [{}, {}, {"🪁": [1]}, {"👍": [2, 3]}]
+    assert [m["edited_at"] is not None for m in group] == [False, True, False, False, False]
+    assert [m["reactions"] for m in group] == [{}, {}, {"🪁": [1]}, {"👍": [2, 3]}, {}]
     assert client.get("/photos/1").content_type == "image/svg+xml"
+
+
+def test_demo_has_a_picture_a_document_and_a_reply(make_app):
+    client = CheckedApp(make_app(demo=True))
+    client.post_json("/login", {"email": "ann@example.com", "password": messenger.DEMO_PASSWORD})
+    group, dialog = client.get("/chats").json["chats"][:2]
+    messages = client.get(f"/chats/{group['id']}/messages").json["messages"]
+    (picture,) = messages[3]["files"]
+    assert (picture["name"], picture["content_type"], picture["width"], picture["height"]) == (
+        "kite.png", "image/png", 160, 120)
+    assert client.get(picture["url"]).body == messenger._demo_picture()
+    assert messages[4]["reply_to_id"] == messages[3]["id"]
+    documents = [file for m in client.get(f"/chats/{dialog['id']}/messages").json["messages"]
+                 for file in m["files"]]
+    assert [(file["name"], file["content_type"]) for file in documents] == [("picnic-list.txt", "text/plain")]
+    assert client.get(documents[0]["url"]).text.startswith("Sandwiches")
 
 
 def test_demo_leaves_a_database_with_users_alone(make_app, tmp_path):
@@ -3619,14 +4200,6 @@ def request_raw(url, method, path, body=None, cookie=None, headers=()):
         connection.close()
 
 
-def multipart(filename, data):
-    boundary = "boundary42"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="photo"; filename="{filename}"\r\n'
-            "Content-Type: image/png\r\n\r\n")
-    return (head.encode() + data + f"\r\n--{boundary}--\r\n".encode(),
-            {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-
-
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     """The messenger command with its default flags (the access log on) on a file database,
@@ -3676,8 +4249,8 @@ NON_LATIN_REQUESTS = [
     ("PUT", "/users/{me}", cyrillic_profile(username="пётр"), 400, "username_taken"),
     ("PUT", "/users/{other}", cyrillic_profile(), 403, "forbidden"),
     ("PUT", "/users/１", cyrillic_profile(), 400, "invalid_field"),
-    ("POST", "/photos", multipart("фото.png", PNG), 200, None),
-    ("POST", "/photos", multipart("фото.svg", b"<svg/>"), 400, "invalid_image"),
+    ("POST", "/photos", multipart("фото.png", PNG, "image/png", "photo"), 200, None),
+    ("POST", "/photos", multipart("фото.svg", b"<svg/>", "image/png", "photo"), 400, "invalid_image"),
     ("GET", "/photos/{other}", None, 200, None),
     ("GET", "/photos/１２", None, 400, "invalid_field"),
     ("DELETE", "/photos", None, 200, None),
