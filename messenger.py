@@ -3055,8 +3055,9 @@ def _bind(host, port):
 
 
 def _body_limit(options):
-    """The largest body waitress lets through to the app (which answers 413 to many of them)."""
-    return BODY_LIMIT_FACTOR * max(options.max_file_bytes, options.max_photo_bytes)
+    """waitress's body limit: a body up to four times the largest upload reaches the app."""
+    # + 1: waitress refuses a body of exactly its limit.
+    return BODY_LIMIT_FACTOR * max(options.max_file_bytes, options.max_photo_bytes) + 1
 
 
 def _create_server(app, sock):

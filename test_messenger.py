@@ -2868,16 +2868,57 @@ def test_server_stop_closes_the_port(tmp_path):
         urllib.request.urlopen(server.url + "/", timeout=5)
 
 
-def test_server_413_for_body_over_upload_limit(server):
+@pytest.mark.parametrize("path, size", [
+    ("/photos", messenger.MAX_PHOTO_BYTES + messenger.MULTIPART_OVERHEAD + 1),
+    ("/photos", 6_000_000),  # a phone's photo as an avatar
+    ("/files", messenger.MAX_FILE_BYTES + messenger.MULTIPART_OVERHEAD + 1),
+    ("/chats", messenger.MAX_JSON_BYTES + 1),
+])
+def test_server_413_is_json_a_browser_can_read(server, path, size):
     _, cookie = login_at(server.url, "ann@example.com")
-    body = b"x" * (messenger.MAX_PHOTO_BYTES + messenger.MULTIPART_OVERHEAD + 1)
-    request = urllib.request.Request(server.url + "/photos", data=body, method="POST",
-                                     headers={"Cookie": cookie,
-                                              "Content-Type": "multipart/form-data; boundary=x"})
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(request, timeout=30)
-    assert caught.value.code == 413
-    assert json.loads(caught.value.read())["error"] == "payload_too_large"
+    status, headers, body = request_raw(server.url, "POST", path, b"x" * size, cookie,
+                                        {"Content-Type": "multipart/form-data; boundary=x"})
+    assert (status, json.loads(body)["error"]) == (413, "payload_too_large")
+    assert headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+
+
+def test_server_413_beyond_four_times_the_largest_upload_is_waitress_alone(server):
+    limit = 4 * max(messenger.MAX_FILE_BYTES, messenger.MAX_PHOTO_BYTES)
+    head = "POST /files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+    answer = raw_request(server, f"{head}Content-Length: {limit + 1}\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 413") and b"application/json" not in answer
+    assert request_raw(server.url, "POST", "/files", b"x" * limit)[0] == 401  # reaches the app
+
+
+def test_server_ten_sends_of_one_client_id_make_one_message(server):
+    ann_id, ann = login_at(server.url, "ann@example.com")
+    bob_id, bob = login_at(server.url, "bob@example.com")
+    chat = call(server.url + "/chats", "POST", {"user_id": bob_id}, ann)[1]
+    url = f"{server.url}/chats/{chat['id']}/messages"
+    answers = at_once(10, lambda n: call(url, "POST", {"text": f"try {n}", "client_id": "c-1"}, ann))
+    assert {status for status, _, _ in answers} == {200}
+    assert len({json.dumps(message) for _, message, _ in answers}) == 1
+    assert len(call(url, cookie=ann)[1]["messages"]) == 1
+    for cookie in (ann, bob):
+        feed = call(server.url + "/updates", cookie=cookie)[1]["updates"]
+        assert [update["type"] for update in feed] == ["chat", "message"]
+
+
+def test_server_file_of_ten_mib_round_trip_through_the_command(tmp_path):
+    data = os.urandom(messenger.MAX_FILE_BYTES)
+    with Process("--db", str(tmp_path / "files.db")) as process:
+        _, cookie = login_at(process.url, "ann@example.com")
+        body, headers = multipart("big.bin", data)
+        status, _, body = request_raw(process.url, "POST", "/files", body, cookie, headers)
+        file = json.loads(body)
+        assert (status, file["size"]) == (200, len(data))
+        status, headers, body = request_raw(process.url, "GET", file["url"], cookie=cookie)
+        assert (status, headers["Content-Type"], body == data) == (200, "application/octet-stream", True)
+        status, headers, body = request_raw(process.url, "GET", file["url"], cookie=cookie,
+                                            headers={"Range": "bytes=-1000"})
+        assert (status, body) == (206, data[-1000:])
+        assert process.stop() == 0
+    assert not [line for line in process.log if "Traceback" in line]
 
 
 def test_server_path_not_utf8_is_invalid_field(server):
@@ -4214,8 +4255,10 @@ def default_server(tmp_path_factory):
                                       ivan)[1]["id"] for text in ("Привет, мир! 👋", "Удали меня"))
         group_id = call(process.url + "/chats", "POST", {"name": "Друзья", "member_ids": [petr_id]},
                         ivan)[1]["id"]
+        report, headers = multipart("отчёт.pdf", DIGITS)
+        file_id = json.loads(request_raw(process.url, "POST", "/files", report, ivan, headers)[2])["id"]
         yield process, {"me": ivan_id, "other": petr_id, "chat": chat_id, "message": message_id,
-                        "doomed": doomed_id, "group": group_id, "cookie": ivan}
+                        "doomed": doomed_id, "group": group_id, "file": file_id, "cookie": ivan}
         assert process.stop() == 0
 
 
@@ -4264,6 +4307,23 @@ NON_LATIN_REQUESTS = [
     ("POST", "/chats/{chat}/messages", b'{"text": "\xd0\xbf\xff"}', 400, "invalid_json"),
     ("GET", "/chats/{chat}/messages?before=ёлка", None, 400, "invalid_field"),
     ("GET", "/chats/{chat}/messages", None, 200, None),
+    ("POST", "/files", multipart("фото.png", png_header(3, 2), "image/png"), 200, None),
+    ("POST", "/files", multipart("пусто.txt", b"", "text/plain"), 400, "invalid_field"),
+    ("POST", "/files", ({"файл": "нет"}, {}), 400, "missing_field"),
+    ("GET", "/files/{file}", None, 200, None),
+    ("GET", "/files/{file}", (None, {"Range": "bytes=90-"}), 206, None),
+    ("GET", "/files/{file}", (None, {"Range": "bytes=100-"}), 416, "range_not_satisfiable"),
+    ("GET", "/files/ё", None, 400, "invalid_field"),
+    ("POST", "/chats/{chat}/messages", {"text": "Смотри", "file_ids": ["{file}"], "client_id": "ключ-1"}, 400,
+     "invalid_field"),
+    ("POST", "/chats/{chat}/messages", {"text": "Смотри отчёт", "file_ids": ["{file}"], "client_id": "k-1",
+                                        "reply_to_id": "{message}"}, 200, None),
+    ("POST", "/chats/{chat}/messages", {"text": "Смотри отчёт", "file_ids": ["{file}"], "client_id": "k-1"},
+     200, None),
+    ("POST", "/chats/{chat}/messages", {"text": "ответ", "reply_to_id": 999}, 400, "message_not_found"),
+    ("GET", "/chats/{chat}/messages/{message}", None, 200, None),
+    ("GET", "/chats/{chat}/messages/ё", None, 400, "invalid_field"),
+    ("GET", "/messages?query=отчёт", None, 200, None),
     ("POST", "/chats", {"name": "Поездка в Казань 🚆", "member_ids": ["{other}"]}, 200, None),
     ("POST", "/chats", {"name": "\u2028"}, 400, "invalid_field"),
     ("GET", "/chats/{group}/members", None, 200, None),
