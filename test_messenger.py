@@ -3481,6 +3481,29 @@ def test_openapi_lists_the_errors_a_route_gives(api):
         "503": "unavailable"}
 
 
+def test_openapi_describes_file_downloads_as_bytes_with_their_answers(api):
+    paths = api.get("/openapi.json").json["paths"]
+    download = paths["/files/{file_id}"]["get"]
+    assert sorted(download["responses"]) == ["200", "206", "304", "400", "401", "416", "500", "503"]
+    assert download["responses"]["200"]["content"] == {"*/*": {"schema": messenger.BINARY}}
+    assert download["responses"]["416"]["description"] == "range_not_satisfiable"
+    assert {p["name"] for p in download["parameters"] if p["in"] == "header"} == {"Range", "If-None-Match",
+                                                                                  "If-Range"}
+    upload = paths["/files"]["post"]["requestBody"]["content"]
+    assert list(upload) == ["multipart/form-data"]
+    assert paths["/photos/{user_id}"]["get"]["responses"]["304"]
+
+
+def test_openapi_describes_the_send_fields(api):
+    doc = api.get("/openapi.json").json
+    body = doc["paths"]["/chats/{chat_id}/messages"]["post"]["requestBody"]["content"]["application/json"]
+    fields = body["schema"]["properties"]
+    assert set(fields) == {"text", "file_ids", "reply_to_id", "client_id"}
+    assert not schema_errors(fields["client_id"], "a-1", doc)
+    assert schema_errors(fields["client_id"], "a 1", doc)
+    assert schema_errors(fields["file_ids"], list(range(1, 12)), doc)
+
+
 @pytest.mark.parametrize("path, method, field", [("/chats", "post", "member_ids"),
                                                 ("/chats/{chat_id}/read", "post", "message_id"),
                                                 ("/users/{user}", "put", "password"),
@@ -3636,11 +3659,16 @@ def test_cli_python_dash_m_is_the_same_program():
 
 def test_cli_help_explains_every_flag(capsys):
     text = run_main(capsys, "--help").stdout
-    for flag in ("--host", "--port", "--db", "--threads", "--secure-cookies", "--quiet"):
+    for flag in ("--host", "--port", "--db", "--threads", "--max-file-mb", "--secure-cookies", "--quiet"):
         assert re.search(rf"^\s+{flag}\b.*\S", text, re.M), flag
 
 
+def test_cli_max_file_mb_sets_the_limit_in_mib():
+    assert messenger._parse_args(["--max-file-mb", "0.5"])[1] == {"max_file_bytes": 512 * 1024}
+
+
 @pytest.mark.parametrize("args", [["--port", "abc"], ["--port", "70000"], ["--threads", "0"],
+                                  ["--max-file-mb", "0"], ["--max-file-mb", "ten"], ["--max-file-mb", "inf"],
                                   ["--no-such-flag"]])
 def test_cli_bad_flag_is_one_line(capsys, args):
     result = run_main(capsys, *args)
