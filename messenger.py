@@ -128,6 +128,9 @@ MAX_WAITING_PER_USER = 4  # waiting polls and streams of one user, so that one c
 # answers the contract's 413 JSON with CORS headers (a browser can read
 # why); only a body beyond it gets waitress's plain 413.
 BODY_LIMIT_FACTOR = 4
+# a worker waits while a connection has this much unsent, so that a file
+# download holds about this much in memory, not the whole file (16 MiB).
+OUTBUF_HIGH_WATERMARK = 1024 * 1024
 # headers past 64 KiB are waitress's 431: no honest client sends that much.
 MAX_HEADER_BYTES = 64 * 1024
 # enough for a browser's six connections from each of many clients.
@@ -3072,6 +3075,7 @@ def _create_server(app, sock):
         threads=app.options.threads,
         max_request_body_size=_body_limit(app.options),
         max_request_header_size=MAX_HEADER_BYTES,
+        outbuf_high_watermark=OUTBUF_HIGH_WATERMARK,
         connection_limit=CONNECTION_LIMIT,
         channel_timeout=CHANNEL_TIMEOUT_SECONDS,
         asyncore_use_poll=True,  # select() fails past 1024 open sockets

@@ -397,6 +397,78 @@ def privacy(args, cpus):
     shutil.rmtree(workdir)
 
 
+def _rss_mib(pid, field="VmRSS"):
+    """A process's resident memory now (VmRSS) or at its peak (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read())[1]) / 1024
+
+
+def _upload(server, cookie, data):
+    """POST /files with one 10 MiB part; the file object."""
+    boundary = "bench-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    connection = http.client.HTTPConnection(server.host, int(server.port), timeout=120)
+    connection.request("POST", "/files", body, {"Cookie": cookie,
+                                                "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = connection.getresponse()
+    file = json.loads(response.read())
+    connection.close()
+    assert response.status == 200, file
+    return file
+
+
+def _download(server, cookie, url):
+    """GET a file: (its bytes, seconds from the request to the last byte)."""
+    connection = http.client.HTTPConnection(server.host, int(server.port), timeout=120)
+    started = time.perf_counter()
+    connection.request("GET", url, headers={"Cookie": cookie})
+    response = connection.getresponse()
+    data = response.read()
+    seconds = time.perf_counter() - started
+    connection.close()
+    assert response.status == 200
+    return data, seconds
+
+
+def files(args, cpus):
+    """Memory and speed of 10 MiB uploads and downloads, on a database file."""
+    print("\n7. Files (10 MiB, a database file)")
+    workdir = tempfile.mkdtemp()
+    server = Server("messenger", db=os.path.join(workdir, "files.db"), cpu=cpus[0])
+    clients = [server.login(f"user{n}@example.com")[1] for n in range(8)]
+    datas = [os.urandom(messenger.MAX_FILE_BYTES) for _ in clients]
+    file = _upload(server, clients[0], datas[0])  # warm up: the first upload and download
+    _download(server, clients[0], file["url"])
+    before = _rss_mib(server.process.pid)
+    failures = []
+
+    def round_trip(n):
+        data, _ = _download(server, clients[n], _upload(server, clients[n], datas[n])["url"])
+        if data != datas[n]:
+            failures.append(n)
+
+    threads = [threading.Thread(target=round_trip, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    peak = _rss_mib(server.process.pid, "VmHWM")
+    assert not failures, failures
+    print(f"  8 clients each uploading then downloading 10 MiB at once: server RSS {before:.1f} MiB before,"
+          f" peak {peak:.1f} MiB: +{peak - before:.1f} MiB (goal < 64 MiB:"
+          f" {'met' if peak - before < 64 else 'MISSED'})")
+    rates = []
+    for _ in range(5 if args.quick else 20):
+        data, seconds = _download(server, clients[0], file["url"])
+        rates.append(len(data) / seconds / 1024 / 1024)
+    rate = statistics.median(rates)
+    print(f"  one download of 10 MiB: median {rate:.0f} MiB/s of {len(rates)}, best {max(rates):.0f}"
+          f" (goal >= 100 MiB/s: {'met' if rate >= 100 else 'MISSED'})")
+    server.stop()
+    shutil.rmtree(workdir)
+
+
 def startup():
     print("\n3. Start-up and idle memory")
     times, rss = [], []
@@ -521,6 +593,7 @@ SECTIONS = {
     "wakeup": lambda args, cpus: wake_up(50 if args.quick else 200),
     "pinning": lambda args, cpus: pinning(args),
     "privacy": privacy,
+    "files": files,
 }
 
 
