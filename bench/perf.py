@@ -406,8 +406,9 @@ def _rss_mib(pid, field="VmRSS"):
 def _upload(server, cookie, data):
     """POST /files with one 10 MiB part; the file object."""
     boundary = "bench-boundary"
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n")
+    body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
     connection = http.client.HTTPConnection(server.host, int(server.port), timeout=120)
     connection.request("POST", "/files", body, {"Cookie": cookie,
                                                 "Content-Type": f"multipart/form-data; boundary={boundary}"})
