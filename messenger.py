@@ -1,9 +1,9 @@
 """messenger: a complete messenger backend in one file.
 
 A JSON API over HTTP for users, sessions, avatars, dialogs and groups,
-messages with edits, deletions, reactions and search, read marks, and
-updates by long polling or as an event stream, built on Bottle (routing),
-waitress (serving) and SQLite (storage), with nothing else.
+messages with files, replies, edits, deletions, reactions and search, read
+marks, and updates by long polling or as an event stream, built on Bottle
+(routing), waitress (serving) and SQLite (storage), with nothing else.
 
 Run it (after `pip install .`, `messenger` and `python -m messenger` are
 the same program):
@@ -1835,8 +1835,9 @@ def _insert_message(conn, chat_id, author_id, text, created_at, files=(), reply_
         (chat_id, author_id, text, "[" + ",".join(row["json"] for row in files) + "]", reply_to_id,
          client_id, created_at),
     ).lastrowid
-    conn.executemany("INSERT INTO message_files (file_id, message_id) VALUES (?, ?)",
-                     [(row["id"], message_id) for row in files])
+    if files:
+        conn.executemany("INSERT INTO message_files (file_id, message_id) VALUES (?, ?)",
+                         [(row["id"], message_id) for row in files])
     return message_id
 
 
@@ -1997,7 +1998,7 @@ def edit_message(app, db, me, chat_id, message_id):
         if message["author_id"] != me:
             raise error(403, "forbidden", "Only its author may edit a message.")
         if not text and message["files"] == "[]":
-            _message_text(body, has_files=False)  # raises invalid_field
+            raise _invalid("text", f"'text' must be 1 to {MAX_MESSAGE_CHARS} characters long.")
         if text != message["text"]:
             _change_text(conn, message_id, text, _iso(time.time()))
             app.feed.add(conn, _to_members(conn, chat_id, Event("message_edited", message_id)))

@@ -1,5 +1,6 @@
 """Tests for messenger, in the order of the API contract (README.md)."""
 
+import base64
 import contextlib
 import datetime
 import hashlib
@@ -4062,6 +4063,56 @@ def test_browser_event_source_gets_messages_across_a_server_ended_stream(tmp_pat
         writer.join()
     assert log[0] == 200 and "reconnecting" in log
     assert log[-1] == ["first", "second"]
+
+
+FILE_PAGE = """<!doctype html>
+<html><body><pre id="result">running</pre><div id="pictures"></div><script>
+const API = "%(api)s";
+(async () => {
+  const log = [];
+  try {
+    await fetch(API + "/login", {method: "POST", credentials: "include",
+      body: JSON.stringify({email: "ann@example.com", password: "%(password)s"})});
+    // What an <input type=file> holds: a File. The README's example, with the file made here.
+    const bytes = Uint8Array.from(atob("%(png)s"), c => c.charCodeAt(0));
+    const form = new FormData();
+    form.append("file", new File([bytes], "kite.png", {type: "image/png"}));
+    let response = await fetch(API + "/files", {method: "POST", credentials: "include", body: form});
+    const file = await response.json();
+    log.push([response.status, file]);
+    response = await fetch(API + "/chats/%(chat)s/messages", {method: "POST", credentials: "include",
+      body: JSON.stringify({file_ids: [file.id], client_id: "browser-1"})});
+    log.push([response.status, await response.json()]);
+    const img = Object.assign(document.createElement("img"), {src: API + file.url});
+    document.getElementById("pictures").append(img);
+    await new Promise((resolve, reject) => { img.onload = resolve; img.onerror = reject; });
+    log.push([img.naturalWidth, img.naturalHeight]);
+    const big = new FormData();
+    big.append("photo", new File([new Uint8Array(6000000)], "huge.png", {type: "image/png"}));
+    response = await fetch(API + "/photos", {method: "POST", credentials: "include", body: big});
+    log.push([response.status, await response.json()]);  // readable: not "Failed to fetch"
+    document.getElementById("result").textContent = JSON.stringify(log);
+  } catch (exc) {
+    document.getElementById("result").textContent = "ERROR " + exc;
+  }
+})();
+</script></body></html>
+"""
+
+
+@pytest.mark.skipif(not find_chromium(), reason="needs Chromium (Debian's chromium package)")
+def test_browser_uploads_a_picture_sends_it_and_shows_it(tmp_path):
+    with messenger.Server(password_iterations=ITERATIONS, quiet=True) as server:
+        _, _, chat_id, _ = two_in_a_chat(server)
+        page = FILE_PAGE % {"api": server.url, "password": PASSWORD, "chat": chat_id,
+                            "png": base64.b64encode(messenger._demo_picture()).decode()}
+        log = run_page(page.encode(), tmp_path)
+    (status, file), (sent_status, message), size, (too_large, answer) = log
+    assert (status, file["name"], file["content_type"], file["width"], file["height"]) == (
+        200, "kite.png", "image/png", *messenger.DEMO_PICTURE_SIZE)
+    assert (sent_status, message["files"], message["client_id"]) == (200, [file], "browser-1")
+    assert size == list(messenger.DEMO_PICTURE_SIZE)
+    assert (too_large, answer["error"]) == (413, "payload_too_large")
 
 
 # ---------------------------------------------------------------------------
