@@ -3200,6 +3200,8 @@ def test_server_long_polls_do_not_starve_other_requests(tmp_path):
         for thread in pollers:
             thread.start()
         assert wait_until(lambda: server.app.feed.waiting == server.app.feed.max_waiting == 2)
+        # The other eight answered at once (none is still queued when the server stops).
+        assert wait_until(lambda: sum(thread.is_alive() for thread in pollers) == 2)
         assert wait_until(lambda: server.app.db.borrowed == 0)  # a waiting poll holds no connection
         started = time.monotonic()
         assert call(server.url + "/users", cookie=cookie)[0] == 200
