@@ -189,6 +189,41 @@ def small_world(server, dialogs=20, history=60):
     return cookie, chats[0]
 
 
+def reacted_history(server, cookie, history=60):
+    """A dialog of `history` messages, a third of them with two reactions: its id."""
+    other, other_cookie = server.login("reactor@example.com")
+    chat_id = server.call("POST", "/chats", {"user_id": other}, cookie)[1]["id"]
+    for n in range(history):
+        message = server.call("POST", f"/chats/{chat_id}/messages", {"text": MESSAGES[n % 4]}, cookie)[1]
+        if n % 3 == 0:
+            for who, emoji in ((cookie, "👍"), (other_cookie, "😂")):
+                server.call("PUT", f"/chats/{chat_id}/messages/{message['id']}/reaction",
+                            {"emoji": emoji}, who)
+    return chat_id
+
+
+def group_world(server, sizes=(10, 100), groups=5):
+    """Users in groups: a member of 20 dialogs and `groups` groups of 10 (cookie), and groups of
+    `sizes` members whose owner sends: ({size: group id}, owner cookie, the members' cookies)."""
+    member_id, member = server.login("member@example.com")
+    for n in range(20):
+        other, _ = server.login(f"pal{n}@example.com")
+        server.call("POST", "/chats", {"user_id": other}, member)
+    owner_id, owner = server.login("owner@example.com")
+    people = [server.login(f"person{n}@example.com") for n in range(max(sizes) - 1)]
+    for n in range(groups):
+        ids = [member_id] + [person for person, _ in people[n * 9:n * 9 + 8]]
+        group = server.call("POST", "/chats", {"name": f"Group {n}", "member_ids": ids}, owner)[1]
+        for _ in range(3):
+            server.call("POST", f"/chats/{group['id']}/messages", {"text": MESSAGES[n % 4]}, owner)
+    sized = {}
+    for size in sizes:
+        ids = [person for person, _ in people[:size - 1]]
+        body = {"name": f"{size} members", "member_ids": ids}
+        sized[size] = server.call("POST", "/chats", body, owner)[1]["id"]
+    return member, sized, owner, [cookie for _, cookie in people]
+
+
 def big_world(path, users, dialogs, messages):
     """Generate a large database straight into SQLite; user 1 has 20 of the dialogs."""
     messenger.make_app(path, password_iterations=BENCH_ITERATIONS).db.close()
@@ -265,14 +300,24 @@ def throughput(args, cpus):
         workdir = tempfile.mkdtemp(prefix="messenger-perf-")
         server = Server("messenger", os.path.join(workdir, "perf.db"), synchronous, server_cpu)
         cookie, chat_id = small_world(server)
-        cases = [("GET /users", "/users", None, 0.60),
-                 ("GET /chats (20 dialogs)", "/chats", None, 0.50),
-                 ("GET 50-message history page", f"/chats/{chat_id}/messages?limit=50", None, 0.50),
-                 ("POST /chats/{id}/messages", f"/chats/{chat_id}/messages", {"text": "benchmark"}, 0.35)]
-        if synchronous == "FULL":
-            cases = cases[3:]
-        for name, path, post, goal in cases:
-            rps, p99, ratio, _ = measure(server.url + path, cookie, post)
+        send = {"text": "benchmark"}
+        cases = [("POST /chats/{id}/messages", f"/chats/{chat_id}/messages", cookie, send, 0.38)]
+        if synchronous == "NORMAL":
+            reacted = reacted_history(server, cookie)
+            member, groups, owner, _ = group_world(server)
+            page = "/chats/{}/messages?limit=50"
+            cases = [("GET /users", "/users", cookie, None, 0.80),
+                     ("GET /chats (20 dialogs)", "/chats", cookie, None, 0.60),
+                     ("GET /chats (20 dialogs, 5 groups)", "/chats", member, None, 0.55),
+                     ("GET 50-message history page", page.format(chat_id), cookie, None, 0.55),
+                     ("  the same, a third with reactions", page.format(reacted), cookie, None, 0.55),
+                     *cases,
+                     ("  the same to a 10-member group", f"/chats/{groups[10]}/messages", owner, send,
+                      0.30),
+                     ("  the same to a 100-member group", f"/chats/{groups[100]}/messages", owner, send,
+                      0.30)]
+        for name, path, who, post, goal in cases:
+            rps, p99, ratio, _ = measure(server.url + path, who, post)
             label = name if synchronous == "NORMAL" else name + " (synchronous=FULL)"
             ratio_line(label, rps, p99, ratio, goal if synchronous == "NORMAL" else None)
             results[label] = rps
@@ -280,6 +325,8 @@ def throughput(args, cpus):
         shutil.rmtree(workdir)
     ceiling_server.stop()
     full = results["POST /chats/{id}/messages (synchronous=FULL)"] / results["POST /chats/{id}/messages"]
+    flat = results["  the same to a 100-member group"] / results["  the same to a 10-member group"]
+    print(f"  a 100-member group send runs at {flat:.2f} of a 10-member one's rate (goal: flat, about 1)")
     print(f"  synchronous=FULL keeps {full:.2f} of the sends per second of NORMAL")
 
 
@@ -470,6 +517,125 @@ def files(args, cpus):
     shutil.rmtree(workdir)
 
 
+def _in_process_updates(tries):
+    """Microseconds of GET /updates answering 100 updates, the WSGI app called in this process."""
+    import wsgiref.util
+    app = messenger.make_app(":memory:", password_iterations=BENCH_ITERATIONS, quiet=True)
+    cookies = []
+    for name in ("ann", "bob", "carol"):
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/users"}
+        _wsgi(app, environ, {"email": f"{name}@example.com", "password": PASSWORD})
+        headers = _wsgi(app, {"REQUEST_METHOD": "POST", "PATH_INFO": "/login"},
+                        {"email": f"{name}@example.com", "password": PASSWORD})[1]
+        cookies.append(dict(headers)["Set-Cookie"].split(";")[0])
+    ann, bob, carol = cookies
+    dialog = json.loads(_wsgi(app, {"REQUEST_METHOD": "POST", "PATH_INFO": "/chats"}, {"user_id": 2}, ann)[2])
+    group = json.loads(_wsgi(app, {"REQUEST_METHOD": "POST", "PATH_INFO": "/chats"},
+                             {"name": "Trip", "member_ids": [2, 3]}, ann)[2])
+    for n in range(60):
+        chat, who = (dialog, bob) if n % 2 else (group, carol)
+        _wsgi(app, {"REQUEST_METHOD": "POST", "PATH_INFO": f"/chats/{chat['id']}/messages"},
+              {"text": MESSAGES[n % 4]}, who)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/updates", "QUERY_STRING": "limit=100"}
+    wsgiref.util.setup_testing_defaults(environ)
+    body = json.loads(_wsgi(app, dict(environ), None, ann)[2])
+    assert len(body["updates"]) == 62, len(body["updates"])  # two chats, 60 messages
+    for n in range(40):  # reactions of Bob and Carol to 20 of the group's messages, to make it 100
+        path = f"/chats/{group['id']}/messages/{n % 20 * 2 + 1}/reaction"
+        _wsgi(app, {"REQUEST_METHOD": "PUT", "PATH_INFO": path}, {"emoji": "👍"}, bob if n < 20 else carol)
+    assert len(json.loads(_wsgi(app, dict(environ), None, ann)[2])["updates"]) == 100
+    seconds = []
+    for _ in range(tries):
+        started = time.perf_counter()
+        _wsgi(app, dict(environ), None, ann)
+        seconds.append(time.perf_counter() - started)
+    app.db.close()
+    return statistics.median(seconds) * 1e6
+
+
+def _wsgi(app, environ, body=None, cookie=None):
+    """Call a WSGI app in this process: (status, headers, body bytes)."""
+    import io
+    import wsgiref.util
+    data = b"" if body is None else json.dumps(body).encode()
+    environ = dict(environ, CONTENT_LENGTH=str(len(data)))
+    environ["wsgi.input"] = io.BytesIO(data)
+    if cookie:
+        environ["HTTP_COOKIE"] = cookie
+    wsgiref.util.setup_testing_defaults(environ)
+    answer = {}
+
+    def start_response(status, headers, exc_info=None):
+        answer.update(status=status, headers=headers)
+
+    out = b"".join(app(environ, start_response))
+    return answer["status"], answer["headers"], out
+
+
+def feed(args, cpus):
+    """How a send wakes the polls that wait: only its recipients, and all of them soon."""
+    print("\n8. The feed: waking waiting polls (136 threads)")
+    server = Server("messenger", db=":memory:", cpu=cpus[0], threads=136)
+    _, groups, owner, members = group_world(server, sizes=(100,), groups=0)
+    offsets = [server.call("GET", "/updates", cookie=cookie)[1]["updates"][-1]["update_id"] + 1
+               for cookie in members]
+    delays = []
+
+    def wait(n, ready, woken):
+        connection = http.client.HTTPConnection(server.host, int(server.port), timeout=60)
+        connection.request("GET", f"/updates?timeout=30&offset={offsets[n]}", headers={"Cookie": members[n]})
+        ready.wait()
+        updates = json.loads(connection.getresponse().read())["updates"]
+        woken.append(time.perf_counter())
+        offsets[n] = updates[-1]["update_id"] + 1
+        connection.close()
+
+    for _ in range(5 if args.quick else 20):
+        woken, ready = [], threading.Barrier(len(members) + 1)
+        threads = [threading.Thread(target=wait, args=(n, ready, woken)) for n in range(len(members))]
+        for thread in threads:
+            thread.start()
+        ready.wait()
+        time.sleep(0.3)  # every poll is waiting in the server
+        sent = time.perf_counter()
+        server.call("POST", f"/chats/{groups[100]}/messages", {"text": "wake up, all"}, owner)
+        for thread in threads:
+            thread.join()
+        delays += [at - sent for at in woken]
+    delays.sort()
+    p99 = delays[int(len(delays) * 0.99)] * 1000
+    print(f"  a send to a 100-member group, every member's long poll waiting: the 99th of"
+          f" {len(delays)} wake-ups after {p99:.1f} ms, median {statistics.median(delays) * 1000:.1f}"
+          f" (goal p99 <= 100 ms: {'met' if p99 <= 100 else 'MISSED'})")
+
+    me, me_cookie = server.login("dialog-a@example.com")
+    other, _ = server.login("dialog-b@example.com")
+    chat_id = server.call("POST", "/chats", {"user_id": other}, me_cookie)[1]["id"]
+    url, post = f"{server.url}/chats/{chat_id}/messages", {"text": "benchmark"}
+    quiet_rps = load(url, args.seconds, args.connections, me_cookie, post, cpus[1])[0]
+    stop = threading.Event()
+
+    def keep_waiting(cookie):
+        while not stop.is_set():
+            server.call("GET", "/updates?timeout=5&offset=1000000000", cookie=cookie)
+
+    waiters = [threading.Thread(target=keep_waiting, args=(cookie,)) for cookie in members]
+    for thread in waiters:
+        thread.start()
+    time.sleep(1)
+    busy_rps = load(url, args.seconds, args.connections, me_cookie, post, cpus[1])[0]
+    stop.set()
+    for thread in waiters:
+        thread.join()
+    cost = quiet_rps / busy_rps
+    print(f"  a dialog send with 100 unrelated users waiting: {busy_rps:.0f} req/s, against {quiet_rps:.0f}"
+          f" with none: {cost:.2f}x the cost (goal <= 1.2x: {'met' if cost <= 1.2 else 'MISSED'})")
+    server.stop()
+    micros = _in_process_updates(200 if args.quick else 1000)
+    print(f"  GET /updates answering 100 updates, in-process: median {micros:.0f} us"
+          f" (goal <= 300 us: {'met' if micros <= 300 else 'MISSED'})")
+
+
 def startup():
     print("\n3. Start-up and idle memory")
     times, rss = [], []
@@ -595,6 +761,7 @@ SECTIONS = {
     "pinning": lambda args, cpus: pinning(args),
     "privacy": privacy,
     "files": files,
+    "feed": feed,
 }
 
 
