@@ -122,6 +122,8 @@ STREAM_HEARTBEAT_SECONDS = 15  # a comment line this often keeps proxies from cl
 STREAM_RETRY_MS = 1000  # how long a browser waits before it reconnects
 STREAM_BUSY_RETRY_MS = 5000  # the same, when the threads were too busy to keep a stream open
 MAX_WAITING_PER_USER = 4  # waiting polls and streams of one user, so that one cannot crowd out others
+TYPING_SHOWN_SECONDS = 10  # a typing update older than this is news no more: never answered
+TYPING_REPEAT_SECONDS = 3  # a "still typing" sooner than this after the last one sends nothing
 
 # waitress, configured on purpose:
 # a body up to this many times the largest upload reaches the app, which
@@ -1386,7 +1388,7 @@ def _tell_contacts(conn, feed, user_id):
     users = conn.execute(
         "SELECT DISTINCT others.user_id FROM chat_members AS mine JOIN chat_members AS others"
         " ON others.chat_id = mine.chat_id WHERE mine.user_id = ?", (user_id,)).fetchall()
-    feed.add(conn, dict.fromkeys({user_id, *(row[0] for row in users)}, Event("user", user_id)))
+    feed.to_users(conn, dict.fromkeys({user_id, *(row[0] for row in users)}, Event("user", user_id)))
 
 
 def _change_password(conn, session, password_hash):
@@ -1533,7 +1535,7 @@ CHAT_QUERY = """
                               ELSE json_array(c.user_low, c.user_high) END,
                'owner_id', c.owner_id,
                'last_message', json(message.json),
-               'unread_count', m.unread_count,
+               'unread_count', c.message_count - m.seen_count,
                'last_read_id', m.last_read_id,
                'others_read_id', (SELECT coalesce(max(last_read_id), 0) FROM chat_members
                                    WHERE chat_id = c.id AND user_id <> m.user_id),
@@ -1594,11 +1596,6 @@ def _member_ids(conn, chat_id):
         "SELECT user_id FROM chat_members WHERE chat_id = ? ORDER BY user_id", (chat_id,))]
 
 
-def _chat_events(chat_id, users):
-    """A `chat` update for each of `users` (each reads the chat as they see it)."""
-    return dict.fromkeys(users, Event("chat", chat_id))
-
-
 def _other_members(body, me):
     """A new group's other members, from member_ids: ascending, without duplicates or the caller."""
     value = body.get("member_ids")
@@ -1650,7 +1647,8 @@ def _open_dialog(app, db, me, other):
                 "INSERT INTO chat_members (chat_id, user_id) VALUES (?, ?)",
                 [(chat_id, low), (chat_id, high)],
             )
-            app.feed.add(conn, _chat_events(chat_id, (low, high)))
+            _open_spans(conn, chat_id, (low, high))
+            app.feed.to_chat(conn, chat_id, Event("chat", chat_id))
         chat = _chat_text(conn, me, chat_id)
     app.feed.publish()
     return _json_text(chat)
@@ -1672,7 +1670,8 @@ def _create_group(app, db, me, name, others):
             "INSERT INTO chat_members (chat_id, user_id, joined) VALUES (?, ?, ?)",
             [(chat_id, user, joined) for joined, user in enumerate(members)],
         )
-        app.feed.add(conn, _chat_events(chat_id, members))
+        _open_spans(conn, chat_id, members)
+        app.feed.to_chat(conn, chat_id, Event("chat", chat_id))
         chat = _chat_text(conn, me, chat_id)
     app.feed.publish()
     return _json_text(chat)
@@ -1721,7 +1720,7 @@ def rename_chat(app, db, me, chat_id):
         chat = _group_row(conn, me, chat_id)
         if name != chat["name"]:
             conn.execute("UPDATE chats SET name = ? WHERE id = ?", (name, chat_id))
-            app.feed.add(conn, _chat_events(chat_id, _member_ids(conn, chat_id)))
+            app.feed.to_chat(conn, chat_id, Event("chat", chat_id))
         renamed = _chat_text(conn, me, chat_id)
     app.feed.publish()
     return _json_text(renamed)
@@ -1744,13 +1743,15 @@ def add_member(app, db, me, chat_id):
             # A new member has read everything there is: nothing is unread.
             # A former member's messages stay in the group, and count again.
             conn.execute(
-                "INSERT INTO chat_members (chat_id, user_id, joined, last_read_id, posted) VALUES (?, ?,"
-                " (SELECT max(joined) + 1 FROM chat_members WHERE chat_id = ?),"
-                " (SELECT coalesce(last_message_id, 0) FROM chats WHERE id = ?),"
-                " (SELECT count(*) FROM messages WHERE chat_id = ? AND author_id = ?))",
-                (chat_id, user_id, chat_id, chat_id, chat_id, user_id),
+                "INSERT INTO chat_members (chat_id, user_id, joined, last_read_id, seen_count, posted)"
+                " SELECT ?, ?, (SELECT max(joined) + 1 FROM chat_members WHERE chat_id = ?),"
+                " coalesce(last_message_id, 0), message_count,"
+                " (SELECT count(*) FROM messages WHERE chat_id = ? AND author_id = ?)"
+                " FROM chats WHERE id = ?",
+                (chat_id, user_id, chat_id, chat_id, user_id, chat_id),
             )
-            app.feed.add(conn, _chat_events(chat_id, [*members, user_id]))
+            _open_spans(conn, chat_id, [user_id])
+            app.feed.to_chat(conn, chat_id, Event("chat", chat_id))
         chat = _chat_text(conn, me, chat_id)
     app.feed.publish()
     return _json_text(chat)
@@ -1780,21 +1781,20 @@ def _leave_group(conn, feed, chat, user_id, members):
     # An owner who leaves hands the group to the member who joined earliest.
     chat_id = chat["id"]
     conn.execute("DELETE FROM chat_members WHERE chat_id = ? AND user_id = ?", (chat_id, user_id))
-    remaining = [member for member in members if member != user_id]
-    events = {user_id: Event("chat_removed", payload={"chat_id": chat_id})}
-    if remaining:
+    _close_span(conn, chat_id, user_id)
+    feed.to_users(conn, {user_id: Event("chat_removed", payload={"chat_id": chat_id})})
+    if len(members) > 1:
         if chat["owner_id"] == user_id:
             conn.execute(
                 "UPDATE chats SET owner_id = (SELECT user_id FROM chat_members WHERE chat_id = ?"
                 " ORDER BY joined, user_id LIMIT 1) WHERE id = ?",
                 (chat_id, chat_id),
             )
-        events.update(_chat_events(chat_id, remaining))
+        feed.to_chat(conn, chat_id, Event("chat", chat_id))
     else:
         conn.execute("DELETE FROM messages_search WHERE rowid IN"
                      " (SELECT id FROM messages WHERE chat_id = ?)", (chat_id,))
-        conn.execute("DELETE FROM chats WHERE id = ?", (chat_id,))  # its messages go with it
-    feed.add(conn, events)
+        conn.execute("DELETE FROM chats WHERE id = ?", (chat_id,))  # its messages and spans go with it
 
 
 # ---------------------------------------------------------------------------
@@ -1839,11 +1839,6 @@ def _insert_message(conn, chat_id, author_id, text, created_at, files=(), reply_
         conn.executemany("INSERT INTO message_files (file_id, message_id) VALUES (?, ?)",
                          [(row["id"], message_id) for row in files])
     return message_id
-
-
-def _to_members(conn, chat_id, event):
-    """The same update for every member of a chat."""
-    return dict.fromkeys(_member_ids(conn, chat_id), event)
 
 
 def _message_text(body, has_files):
@@ -1920,19 +1915,17 @@ def send_message(app, db, me, chat_id):
         if client_id:
             conn.execute("INSERT OR REPLACE INTO sends (chat_id, author_id, client_id, message_id, sent_at)"
                          " VALUES (?, ?, ?, ?, ?)", (chat_id, me, client_id, message_id, now))
-        conn.execute("UPDATE chats SET last_message_id = ? WHERE id = ?", (message_id, chat_id))
-        # The author has read up to here, and written once more; every other
-        # member has one more unread.
+        # One more message, which every other member has not seen yet; the
+        # author has read up to here and seen them all, and written once more.
+        conn.execute("UPDATE chats SET last_message_id = ?, message_count = message_count + 1 WHERE id = ?",
+                     (message_id, chat_id))
         conn.execute(
-            "UPDATE chat_members SET"
-            " last_read_id = CASE WHEN user_id = ? THEN ? ELSE last_read_id END,"
-            " unread_count = CASE WHEN user_id = ? THEN 0 ELSE unread_count + 1 END,"
-            " posted = posted + (user_id = ?)"
-            " WHERE chat_id = ?",
-            (me, message_id, me, me, chat_id),
+            "UPDATE chat_members SET last_read_id = ?, posted = posted + 1,"
+            " seen_count = (SELECT message_count FROM chats WHERE id = ?) WHERE chat_id = ? AND user_id = ?",
+            (message_id, chat_id, chat_id, me),
         )
         message = _message_json(conn, message_id)
-        app.feed.add(conn, _to_members(conn, chat_id, Event("message", message_id)))
+        app.feed.to_chat(conn, chat_id, Event("message", message_id))
     app.feed.publish()
     return _json_text(message)
 
@@ -2001,7 +1994,7 @@ def edit_message(app, db, me, chat_id, message_id):
             raise _invalid("text", f"'text' must be 1 to {MAX_MESSAGE_CHARS} characters long.")
         if text != message["text"]:
             _change_text(conn, message_id, text, _iso(time.time()))
-            app.feed.add(conn, _to_members(conn, chat_id, Event("message_edited", message_id)))
+            app.feed.to_chat(conn, chat_id, Event("message_edited", message_id))
         message = _message_json(conn, message_id)
     app.feed.publish()
     return _json_text(message)
@@ -2017,14 +2010,13 @@ def delete_message(app, db, me, chat_id, message_id):
         author_id = message["author_id"]
         if author_id != me and not (chat["type"] == "group" and chat["owner_id"] == me):
             raise error(403, "forbidden", "Only its author, or the owner of a group, may delete a message.")
-        # Whoever had not read it yet has one unread message fewer.
+        # One message fewer; whoever had seen it (read it, or wrote it) has seen one fewer.
+        conn.execute("UPDATE chats SET message_count = message_count - 1 WHERE id = ?", (chat_id,))
         conn.execute(
-            "UPDATE chat_members SET unread_count = unread_count - 1"
-            " WHERE chat_id = ? AND user_id <> ? AND last_read_id < ?",
-            (chat_id, author_id, message_id),
+            "UPDATE chat_members SET seen_count = seen_count - 1, posted = posted - (user_id = ?)"
+            " WHERE chat_id = ? AND (user_id = ? OR last_read_id >= ?)",
+            (author_id, chat_id, author_id, message_id),
         )
-        conn.execute("UPDATE chat_members SET posted = posted - 1 WHERE chat_id = ? AND user_id = ?",
-                     (chat_id, author_id))
         file_ids = [row[0] for row in conn.execute("SELECT file_id FROM message_files WHERE message_id = ?",
                                                    (message_id,))]
         conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
@@ -2033,7 +2025,7 @@ def delete_message(app, db, me, chat_id, message_id):
         conn.execute("UPDATE chats SET last_message_id = (SELECT max(id) FROM messages WHERE chat_id = ?)"
                      " WHERE id = ?", (chat_id, chat_id))
         event = Event("message_deleted", payload={"chat_id": chat_id, "message_id": message_id})
-        app.feed.add(conn, _to_members(conn, chat_id, event))
+        app.feed.to_chat(conn, chat_id, event)
     app.feed.publish()
     return {}
 
@@ -2097,7 +2089,7 @@ def _set_reaction(app, db, me, chat_id, message_id, emoji):
             _write_reactions(conn, message_id)
             event = Event("reaction", payload={"chat_id": chat_id, "message_id": message_id, "user_id": me,
                                                "emoji": emoji})
-            app.feed.add(conn, _to_members(conn, chat_id, event))
+            app.feed.to_chat(conn, chat_id, event)
         message = _message_json(conn, message_id)
     app.feed.publish()
     return _json_text(message)
@@ -2116,20 +2108,24 @@ def mark_read(app, db, me, chat_id):
             message_id = chat["last_message_id"] or 0
         elif not _exists(conn, "SELECT 1 FROM messages WHERE id = ? AND chat_id = ?", (message_id, chat_id)):
             raise _invalid("message_id", "'message_id' is not a message of this chat.")
+        # Seen: all but the others' messages after the mark (counting those is
+        # as cheap as what is unread; counting what was read would grow without end).
         moved = conn.execute(
-            "UPDATE chat_members SET last_read_id = ?, unread_count ="
-            " (SELECT count(*) FROM messages WHERE chat_id = ? AND id > ? AND author_id <> ?)"
+            "UPDATE chat_members SET last_read_id = ?,"
+            " seen_count = (SELECT message_count FROM chats WHERE id = ?)"
+            " - (SELECT count(*) FROM messages WHERE chat_id = ? AND id > ? AND author_id <> ?)"
             " WHERE user_id = ? AND chat_id = ? AND last_read_id < ?",
-            (message_id, chat_id, message_id, me, me, chat_id, message_id),
+            (message_id, chat_id, chat_id, message_id, me, me, chat_id, message_id),
         ).rowcount
         if moved:
             # The reader's other devices, and in a dialog the other member; never
             # a whole group, so a read costs the same in a group as in a dialog.
             readers = {me, chat["user_low"], chat["user_high"]} - {None}
             event = Event("read", payload={"chat_id": chat_id, "user_id": me, "message_id": message_id})
-            app.feed.add(conn, dict.fromkeys(readers, event))
+            app.feed.to_users(conn, dict.fromkeys(readers, event))
         unread_count = conn.execute(
-            "SELECT unread_count FROM chat_members WHERE user_id = ? AND chat_id = ?", (me, chat_id)
+            "SELECT c.message_count - m.seen_count FROM chat_members AS m JOIN chats AS c ON c.id = m.chat_id"
+            " WHERE m.user_id = ? AND m.chat_id = ?", (me, chat_id)
         ).fetchone()[0]
     if moved:
         app.feed.publish()
@@ -2515,48 +2511,96 @@ def get_file(db, me, file_id):
 # is when the update is read, and the rest of it (ids, an emoji) as JSON.
 Event = collections.namedtuple("Event", "type ref payload", defaults=(None, None))
 
-# A user's updates from an offset on, each as JSON text built by SQLite: a
-# message, chat or user as it is now; left out when there is nothing to show
-# (a deleted message, a chat the user has left), before the page's limit.
+# A page of a user's updates from an offset on, each as JSON text built by
+# SQLite: a message, chat or user as it is now, or NULL when there is
+# nothing to show (a deleted message, a chat the reader has left, a typing
+# update too old or their own). The page's ids come first, from the index:
+# the reader's own rows, and their chats' rows in the spans they were in.
 UPDATES_QUERY = (
-    """SELECT id, type, body FROM (SELECT u.id, u.type,
+    """SELECT u.id, u.type,
            '{"update_id":' || u.id || ',"type":"' || u.type || '",' || CASE
            WHEN u.type IN ('message', 'message_edited') THEN
                (SELECT '"message":' || msg.json || '}' FROM messages AS msg
-                  JOIN chat_members AS member ON member.chat_id = msg.chat_id AND member.user_id = u.user_id
+                  JOIN chat_members AS member ON member.chat_id = msg.chat_id AND member.user_id = :reader
                  WHERE msg.id = u.ref)
            WHEN u.type = 'chat' THEN
                (SELECT '"chat":' || chat || '}' FROM (""" + CHAT_QUERY + """
-                 WHERE m.user_id = u.user_id AND m.chat_id = u.ref))
+                 WHERE m.user_id = :reader AND m.chat_id = u.ref))
            WHEN u.type = 'user' THEN
                (SELECT '"user":' || """ + USER_OBJECT + """ || '}'
-                  FROM (""" + SHOWN_USERS.format(viewer="u.user_id", where="x.id = u.ref") + """))
+                  FROM (""" + SHOWN_USERS.format(viewer=":reader", where="x.id = u.ref") + """))
+           WHEN u.type = 'typing' THEN
+               CASE WHEN u.ref <> :reader AND u.created_at >= :typing_since THEN substr(u.payload, 2) END
            ELSE substr(u.payload, 2) END AS body
-      FROM updates AS u WHERE u.user_id = ? AND u.id >= ? AND u.created_at >= ? ORDER BY u.id)
-     WHERE body IS NOT NULL LIMIT ?"""
+      FROM (SELECT id FROM updates WHERE user_id = :reader AND id >= :offset
+            UNION ALL
+            SELECT e.id FROM chat_spans AS s
+              JOIN updates AS e ON e.chat_id = s.chat_id AND e.user_id IS NULL
+                               AND e.id > s.after_id AND e.id >= :offset
+                               AND (s.until_id IS NULL OR e.id <= s.until_id)
+             WHERE s.user_id = :reader
+            ORDER BY 1 LIMIT :limit) AS page
+      JOIN updates AS u ON u.id = page.id
+     WHERE u.created_at >= :since
+     ORDER BY u.id"""
 )
+LAST_UPDATE = "(SELECT coalesce(max(id), 0) FROM updates)"  # a span's bounds
+
+
+def _open_spans(conn, chat_id, users):
+    """Start the members' spans of a chat's events: they read what is written from now on."""
+    conn.executemany("INSERT INTO chat_spans (user_id, chat_id, after_id) VALUES (?, ?, " + LAST_UPDATE + ")",
+                     [(user, chat_id) for user in users])
+
+
+def _close_span(conn, chat_id, user_id):
+    """End a leaving member's span: what the chat's members are told from now on is not for them."""
+    conn.execute("UPDATE chat_spans SET until_id = " + LAST_UPDATE
+                 + " WHERE user_id = ? AND chat_id = ? AND until_id IS NULL", (user_id, chat_id))
 
 
 class Feed:
-    """This process's updates: stores, reads and prunes them, and wakes the polls that wait."""
+    """This process's updates: stores, reads and prunes them, and wakes the polls that wait for them."""
 
-    def __init__(self, max_waiting, retention_seconds):
+    # A waiting poll sleeps on its user's condition. A publish after a commit
+    # wakes only the users the commit wrote to (its chats' members), so a
+    # send between two users costs nothing to the hundred others who wait.
+
+    def __init__(self, db, max_waiting, retention_seconds):
+        self.db = db
         self.max_waiting = max_waiting
         self.retention_seconds = retention_seconds
-        self.generation = 0  # grows with every publish, so a waiter sees what it missed
         self.waiting = 0
         self.waiting_of = collections.Counter()  # user id: their waiting polls and streams
+        self._lock = threading.Lock()
+        self._woken = {}  # user id: (condition, publishes that concerned them) while they wait
+        self._written = threading.local()  # the users and chats this thread's transaction wrote to
         self.pruned_at = 0.0  # when this process last deleted expired updates
         self.closed = False
-        self._changed = threading.Condition()
 
-    def add(self, conn, events):
-        """Store one update per recipient ({user id: Event}); now and then, prune the expired."""
+    def _note(self, users=(), chats=()):
+        written = self._written.__dict__
+        written.setdefault("users", set()).update(users)
+        written.setdefault("chats", set()).update(chats)
+
+    def to_users(self, conn, events):
+        """Store an update for each of some users ({user id: Event})."""
+        self._insert(conn, [(user, None, event) for user, event in events.items()])
+        self._note(users=events)
+
+    def to_chat(self, conn, chat_id, event):
+        """Store an update for every member of a chat, once: each reads it through their span."""
+        self._insert(conn, [(None, chat_id, event)])
+        self._note(chats=[chat_id])
+
+    def _insert(self, conn, rows):
+        """Store updates; now and then, prune what has expired."""
         now = time.time()
         conn.executemany(
-            "INSERT INTO updates (user_id, created_at, type, ref, payload) VALUES (?, ?, ?, ?, ?)",
-            [(user, now, event.type, event.ref, event.payload and _to_json(event.payload))
-             for user, event in events.items()],
+            "INSERT INTO updates (user_id, chat_id, created_at, type, ref, payload)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(user, chat, now, event.type, event.ref, event.payload and _to_json(event.payload))
+             for user, chat, event in rows],
         )
         if now >= self.pruned_at + min(PRUNE_SECONDS, self.retention_seconds):
             self.pruned_at = now
@@ -2567,52 +2611,85 @@ class Feed:
                 " (SELECT id FROM updates WHERE created_at >= ? ORDER BY id LIMIT 1)",
                 (now - self.retention_seconds,),
             )
+            conn.execute("DELETE FROM chat_spans WHERE until_id < (SELECT min(id) FROM updates)")
             # What else expires after a day goes at the same time (its readers skip it meanwhile).
             conn.execute("DELETE FROM sends WHERE sent_at < ?", (now - RETRY_SECONDS,))
             _delete_unsent_files(conn, now)
 
     def read(self, db, user_id, offset, limit):
         """A user's updates from `offset` on, at most `limit`: rows of (update id, type, JSON text)."""
+        now = time.time()
+        found = []
         with db.connection() as conn:
-            return conn.execute(
-                UPDATES_QUERY, (user_id, offset, time.time() - self.retention_seconds, limit)
-            ).fetchall()
+            while len(found) < limit:  # again when some of a page had nothing to show
+                wanted = limit - len(found)
+                page = conn.execute(UPDATES_QUERY, {
+                    "reader": user_id, "offset": offset, "limit": wanted,
+                    "since": now - self.retention_seconds, "typing_since": now - TYPING_SHOWN_SECONDS,
+                }).fetchall()
+                found += [row for row in page if row["body"] is not None]
+                if len(page) < wanted:
+                    break
+                offset = page[-1]["id"] + 1
+        return found
+
+    def generation(self, user_id):
+        """How many publishes have concerned a waiting user: a wait after it sleeps until the next."""
+        with self._lock:
+            return self._woken[user_id][1] if user_id in self._woken else 0
 
     def publish(self):
-        """Wake every waiting poll: updates were committed."""
-        with self._changed:
-            self.generation += 1
-            self._changed.notify_all()
+        """Wake the waiting polls of the users this thread's transaction wrote to, after its commit."""
+        written = self._written.__dict__
+        users, chats = written.pop("users", set()), written.pop("chats", set())
+        with self._lock:
+            waiting = list(self._woken)
+        if chats and waiting:
+            with self.db.connection() as conn:
+                users.update(row[0] for row in conn.execute(
+                    "SELECT user_id FROM chat_members WHERE chat_id IN (SELECT value FROM json_each(?))"
+                    " AND user_id IN (SELECT value FROM json_each(?))",
+                    (_to_json(list(chats)), _to_json(waiting))))
+        with self._lock:
+            for user in users & self._woken.keys():
+                condition, count = self._woken[user]
+                self._woken[user] = condition, count + 1
+                condition.notify_all()
 
-    def wait(self, generation, timeout):
-        """Sleep until a publish after `generation`, a close, or the timeout."""
-        with self._changed:
-            if self.generation == generation and not self.closed:
-                self._changed.wait(timeout)
+    def wait(self, user_id, generation, timeout):
+        """Sleep until a publish for this user after `generation`, a close, or the timeout."""
+        with self._lock:
+            condition, count = self._woken[user_id]
+            if count == generation and not self.closed:
+                condition.wait(timeout)
 
     @contextlib.contextmanager
     def waiter(self, user_id):
         """Yield whether this poll may wait: False when most threads already do, or when this
         user already has MAX_WAITING_PER_USER waiting, so that no one crowds out the others."""
-        with self._changed:
+        with self._lock:
             allowed = (self.waiting < self.max_waiting and self.waiting_of[user_id] < MAX_WAITING_PER_USER
                        and not self.closed)
-            self.waiting += allowed
-            self.waiting_of[user_id] += allowed
+            if allowed:
+                self.waiting += 1
+                self.waiting_of[user_id] += 1
+                self._woken.setdefault(user_id, (threading.Condition(self._lock), 0))
         try:
             yield allowed
         finally:
-            with self._changed:
-                self.waiting -= allowed
-                self.waiting_of[user_id] -= allowed
-                if not self.waiting_of[user_id]:
-                    del self.waiting_of[user_id]
+            if allowed:
+                with self._lock:
+                    self.waiting -= 1
+                    self.waiting_of[user_id] -= 1
+                    if not self.waiting_of[user_id]:
+                        del self.waiting_of[user_id], self._woken[user_id]
 
     def close(self):
         """End every wait now and refuse new ones (the server is stopping)."""
-        with self._changed:
+        with self._lock:
             self.closed = True
-            self._changed.notify_all()
+            for condition, _ in self._woken.values():
+                condition.notify_all()
 
 
 @route("GET", "/updates", errors=("invalid_field",),
@@ -2628,13 +2705,13 @@ def get_updates(app, db, me):
     deadline = time.monotonic() + timeout
     with feed.waiter(me) as may_wait:
         while True:
-            generation = feed.generation
+            generation = feed.generation(me)
             updates = feed.read(db, me, offset, limit)
             remaining = deadline - time.monotonic()
             if updates or not may_wait or remaining <= 0 or feed.closed:
                 return _json_text('{"updates":[' + ",".join(update["body"] for update in updates) + "]}")
             # No connection is held while waiting: it went back to the pool.
-            feed.wait(generation, min(remaining, POLL_RECHECK_SECONDS))
+            feed.wait(me, generation, min(remaining, POLL_RECHECK_SECONDS))
 
 
 @route("GET", "/updates/stream", query={"offset": OFFSET}, headers={"Last-Event-ID": LAST_EVENT_ID},
@@ -2664,7 +2741,7 @@ def _event_stream(feed, db, session, offset, options):
         yield f"retry: {STREAM_RETRY_MS}\n\n"
         started = written = time.monotonic()
         while True:
-            generation = feed.generation
+            generation = feed.generation(session.user_id)
             if not _session_lives(db, session):  # logged out, a new password, or expired
                 return
             updates = feed.read(db, session.user_id, offset, MAX_PAGE)
@@ -2683,8 +2760,9 @@ def _event_stream(feed, db, session, offset, options):
                 yield ": still here\n\n"  # a comment: EventSource ignores it
                 written = now
             # No connection is held while waiting: it went back to the pool.
-            feed.wait(generation, min(POLL_RECHECK_SECONDS, started + options.stream_seconds - now,
-                                      written + options.stream_heartbeat_seconds - now))
+            feed.wait(session.user_id, generation,
+                      min(POLL_RECHECK_SECONDS, started + options.stream_seconds - now,
+                          written + options.stream_heartbeat_seconds - now))
 
 
 # ---------------------------------------------------------------------------
@@ -2807,10 +2885,12 @@ def seed_demo(app):
             conn.execute("INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?)",
                          (messages[name, n], ids[username], emoji))
             _write_reactions(conn, messages[name, n])
+        conn.execute("UPDATE chats SET message_count ="
+                     " (SELECT count(*) FROM messages WHERE chat_id = chats.id)")
         conn.execute(
-            "UPDATE chat_members SET unread_count = (SELECT count(*) FROM messages AS m"
-            " WHERE m.chat_id = chat_members.chat_id AND m.id > chat_members.last_read_id"
-            " AND m.author_id <> chat_members.user_id), posted = (SELECT count(*) FROM messages AS m"
+            "UPDATE chat_members SET seen_count = (SELECT count(*) FROM messages AS m"
+            " WHERE m.chat_id = chat_members.chat_id AND (m.id <= chat_members.last_read_id"
+            " OR m.author_id = chat_members.user_id)), posted = (SELECT count(*) FROM messages AS m"
             " WHERE m.chat_id = chat_members.chat_id AND m.author_id = chat_members.user_id)"
         )
     return True
@@ -2833,6 +2913,7 @@ def _insert_demo_chat(conn, name, members, created_at):
         ).lastrowid
     conn.executemany("INSERT INTO chat_members (chat_id, user_id, joined) VALUES (?, ?, ?)",
                      [(chat_id, user, joined) for joined, user in enumerate(members)])
+    _open_spans(conn, chat_id, members)
     return chat_id
 
 
@@ -2863,6 +2944,7 @@ def reset_database(app, db):
     with db.transaction() as conn:
         # Deleting the users cascades to everything that belongs to them; groups,
         # the search words and the login failures belong to no one.
+        conn.execute("DELETE FROM updates")
         conn.execute("DELETE FROM users")  # with no rows left, ids start at 1 again
         conn.execute("DELETE FROM chats")
         conn.execute("DELETE FROM messages_search")
@@ -2989,7 +3071,7 @@ def make_app(db=DEFAULT_DB, **options):
     threads = options.threads
     # Keep a quarter of the threads free of long polls: at least two, or the
     # one other thread there is, and never none.
-    app.feed = Feed(max_waiting=threads - max(threads // 4, min(2, threads - 1), 1),
+    app.feed = Feed(app.db, max_waiting=threads - max(threads // 4, min(2, threads - 1), 1),
                     retention_seconds=options.updates_hours * HOUR_SECONDS)
     app.warned_origins = set()
     app.default_error_handler = functools.partial(_bottle_error_page, app)

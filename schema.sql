@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS chats (
     -- the search index holds this chat's messages up to this id (a search
     -- indexes the rest of the searcher's chats first)
     indexed_up_to   INTEGER NOT NULL DEFAULT 0,
+    -- its messages, kept by every send and deletion: a member's unread
+    -- count is message_count - seen_count, so a send changes one row
+    message_count   INTEGER NOT NULL DEFAULT 0,
     UNIQUE (user_low, user_high),
     CHECK (type = 'group' OR user_low < user_high)
 );
@@ -79,9 +82,10 @@ CREATE TABLE IF NOT EXISTS chat_members (
     user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     joined       INTEGER NOT NULL DEFAULT 0,  -- the order of joining: a leaving owner's heir
     last_read_id INTEGER NOT NULL DEFAULT 0,
-    -- the other members' messages after last_read_id, kept up to date by
-    -- every send, deletion and read, so that listing chats never counts messages
-    unread_count INTEGER NOT NULL DEFAULT 0,
+    -- the chat's messages the member has seen: those up to last_read_id and
+    -- their own; the rest are unread (chats.message_count - seen_count), so
+    -- listing chats never counts messages, and a send changes the author's row only
+    seen_count   INTEGER NOT NULL DEFAULT 0,
     -- the member's messages in the chat: once they have written, the others
     -- who share it see their email and phone
     posted       INTEGER NOT NULL DEFAULT 0,
@@ -169,20 +173,39 @@ CREATE TABLE IF NOT EXISTS sends (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sends_by_time ON sends (sent_at);
 
--- One row per event per recipient, for GET /updates. Ids grow with time
--- too: old rows are pruned only after new ones are written, so the largest
--- id is never deleted. A row names what it shows (a message, a chat, a
--- user) and the feed shows it as it is when read: an edit shows in the
--- earlier updates too, and a deleted message's updates are left out.
+-- The events of GET /updates. An event of a chat (a message, an edit, a
+-- reaction, a rename...) is one row for all its members (user_id NULL),
+-- whatever their number, and each member reads it through their spans
+-- below; an event for one user (a read mark, a profile, "you were
+-- removed") is a row with their user_id. Ids grow with time: old rows are
+-- pruned only after new ones are written, so the largest id is never
+-- deleted. A row names what it shows (a message, a chat, a user) and the
+-- feed shows it as it is when read: an edit shows in the earlier updates
+-- too, and a deleted message's updates are left out.
 CREATE TABLE IF NOT EXISTS updates (
     id         INTEGER PRIMARY KEY,
-    user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    user_id    INTEGER,                     -- its one recipient; NULL: the members of chat_id
+    chat_id    INTEGER,
     created_at REAL NOT NULL,               -- Unix time, for pruning
     type       TEXT NOT NULL,
-    ref        INTEGER,                     -- the message, chat or user it shows
+    ref        INTEGER,                     -- the message, chat or user it shows; a typist
     payload    TEXT                         -- the rest of the event, small JSON: ids, an emoji
 );
-CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id);
+CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id) WHERE user_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS updates_by_chat ON updates (chat_id, id) WHERE user_id IS NULL;
+
+-- The stretches of the feed in which a user was a member of a chat: they
+-- read its events with after_id < id <= until_id (NULL: still a member),
+-- so each event reaches exactly the members at its time. One who left and
+-- came back has two spans. Pruned with the updates they cover.
+CREATE TABLE IF NOT EXISTS chat_spans (
+    user_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    chat_id  INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    after_id INTEGER NOT NULL,
+    until_id INTEGER,
+    PRIMARY KEY (user_id, chat_id, after_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chat_spans_by_chat ON chat_spans (chat_id);
 
 PRAGMA user_version = 4;
 
@@ -283,7 +306,8 @@ PRAGMA user_version = 3;
 
 -- upgrade to 4: messages carry files, replies and their sender's client_id;
 -- files are stored; sends remember their client_id for a day. The stored
--- JSON of messages changes, so the table is made again.
+-- JSON of messages changes, so the table is made again. A chat's events are
+-- stored once for all its members, and unread counts follow from counts.
 CREATE TABLE messages_4 (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     chat_id     INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
@@ -306,6 +330,40 @@ INSERT INTO messages_4 (id, chat_id, author_id, text, created_at, edited_at, rea
 DROP TABLE messages;
 ALTER TABLE messages_4 RENAME TO messages;
 CREATE INDEX IF NOT EXISTS messages_by_chat ON messages (chat_id, id);
+-- Unread counts become message_count - seen_count.
+ALTER TABLE chats ADD COLUMN message_count INTEGER NOT NULL DEFAULT 0;
+UPDATE chats SET message_count = (SELECT count(*) FROM messages WHERE chat_id = chats.id);
+ALTER TABLE chat_members ADD COLUMN seen_count INTEGER NOT NULL DEFAULT 0;
+UPDATE chat_members SET seen_count = (SELECT message_count FROM chats WHERE id = chat_id) - unread_count;
+ALTER TABLE chat_members DROP COLUMN unread_count;
+-- A chat's events become one row for all its members; the rows pending for
+-- one user each stay, and every member's span starts now.
+DROP INDEX updates_by_user;
+ALTER TABLE updates RENAME TO updates_3;
+CREATE TABLE updates (
+    id         INTEGER PRIMARY KEY,
+    user_id    INTEGER,
+    chat_id    INTEGER,
+    created_at REAL NOT NULL,
+    type       TEXT NOT NULL,
+    ref        INTEGER,
+    payload    TEXT
+);
+INSERT INTO updates (id, user_id, created_at, type, ref, payload)
+    SELECT id, user_id, created_at, type, ref, payload FROM updates_3;
+DROP TABLE updates_3;
+CREATE INDEX IF NOT EXISTS updates_by_user ON updates (user_id, id) WHERE user_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS updates_by_chat ON updates (chat_id, id) WHERE user_id IS NULL;
+CREATE TABLE IF NOT EXISTS chat_spans (
+    user_id  INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    chat_id  INTEGER NOT NULL REFERENCES chats (id) ON DELETE CASCADE,
+    after_id INTEGER NOT NULL,
+    until_id INTEGER,
+    PRIMARY KEY (user_id, chat_id, after_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chat_spans_by_chat ON chat_spans (chat_id);
+INSERT INTO chat_spans (user_id, chat_id, after_id)
+    SELECT user_id, chat_id, (SELECT coalesce(max(id), 0) FROM updates) FROM chat_members;
 
 -- An uploaded file: what it is, here, and its bytes in file_contents, so
 -- that reading a file's object or a message's never reads its bytes.
