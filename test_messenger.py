@@ -3112,17 +3112,159 @@ def test_updates_of_an_avatar_reach_whoever_shares_a_chat(ann, bob, chat):
     assert [u["user"]["id"] for u in updates(bob) if u["type"] == "user"] == [ann.user["id"]] * 2
 
 
-def test_updates_store_a_few_bytes_per_recipient(app, ann):
-    others = add_users(app, 99)
-    group = ann.post_json("/chats", {"name": "Big", "member_ids": others}).json
+@pytest.mark.parametrize("size", [10, 100])
+def test_updates_store_a_group_event_once_whatever_its_size(app, ann, size):
+    group = ann.post_json("/chats", {"name": "Big", "member_ids": add_users(app, size - 1)}).json
 
     def database_bytes():
         return query(app, "PRAGMA page_count")[0][0] * query(app, "PRAGMA page_size")[0][0]
 
     before = database_bytes()
-    for n in range(40):
+    for n in range(200):
         ann.put_json(f"/chats/{group['id']}", {"name": f"Big {n} " + "x" * 100})
-    assert (database_bytes() - before) / (40 * 100) < 100
+    assert (database_bytes() - before) / 200 < 300
+    assert query(app, "SELECT count(*) FROM updates WHERE type = 'chat'") == [(201,)]
+
+
+class FeedReference:
+    """The contract's feed, in Python: who gets which update, and how each shows when read."""
+
+    def __init__(self):
+        self.events = []  # (recipients, kind, key)
+        self.members, self.messages, self.marks = {}, {}, {}
+
+    def tell(self, recipients, kind, key):
+        self.events.append((frozenset(recipients), kind, key))
+
+    def feed(self, user):
+        """What `user` reads now: (type, what it shows), in order."""
+        shown = []
+        for recipients, kind, key in self.events:
+            if user not in recipients:
+                continue
+            if kind in ("message", "message_edited"):
+                chat_id, message_id = key
+                if message_id in self.messages and user in self.members.get(chat_id, ()):
+                    shown.append((kind, message_id, self.messages[message_id][1]))
+            elif kind == "chat":
+                if user in self.members.get(key, ()):
+                    shown.append((kind, key))
+            else:
+                shown.append((kind, key))
+        return shown
+
+
+def shown(update):
+    """An update as FeedReference.feed() writes it."""
+    kind = update["type"]
+    if kind in ("message", "message_edited"):
+        return kind, update["message"]["id"], update["message"]["text"]
+    if kind == "chat":
+        return kind, update["chat"]["id"]
+    return kind, tuple(sorted((k, v) for k, v in update.items() if k not in ("update_id", "type")))
+
+
+def whole_feed(client):
+    """A user's whole feed, three updates a page; the ids must grow."""
+    feed, offset = [], 0
+    while page := updates(client, offset=offset, limit=3):
+        feed += page
+        offset = page[-1]["update_id"] + 1
+    ids = [update["update_id"] for update in feed]
+    assert ids == sorted(set(ids))
+    return [shown(update) for update in feed]
+
+
+def test_updates_follow_membership_spans_like_a_reference(app):
+    rng = random.Random(18)
+    users = [logged_in(app, f"span{n}@example.com") for n in range(10)]
+    ids = [client.user["id"] for client in users]
+    client_of = dict(zip(ids, users))
+    ref = FeedReference()
+    groups = []
+    for n in range(5):
+        members = {ids[0], *rng.sample(ids[1:], 3)}
+        chat = users[0].post_json("/chats", {"name": f"G{n}", "member_ids": sorted(members - {ids[0]})}).json
+        groups.append(chat["id"])
+        ref.members[chat["id"]] = members
+        ref.tell(members, "chat", chat["id"])
+        ref.marks.update({(user, chat["id"]): 0 for user in members})
+    for _ in range(300):
+        chat_id = rng.choice(groups)
+        members = ref.members[chat_id]
+        actor = rng.choice(sorted(members))
+        client = client_of[actor]
+        mine = [m for m, (chat, _, author) in ref.messages.items() if chat == chat_id and author == actor]
+        action = rng.choice(["join", "join", "leave", "send", "send", "send", "edit", "react", "delete",
+                             "read", "rename"])
+        if action == "join" and len(members) < len(ids):
+            joiner = rng.choice(sorted(set(ids) - members))
+            client.post_json(f"/chats/{chat_id}/members", {"user_id": joiner})
+            members.add(joiner)
+            last = max([m for m, (chat, _, _) in ref.messages.items() if chat == chat_id], default=0)
+            ref.marks[joiner, chat_id] = last
+            ref.tell(members, "chat", chat_id)
+        elif action == "leave" and len(members) > 2:
+            client.delete(f"/chats/{chat_id}/members/{actor}")
+            members.discard(actor)
+            ref.tell({actor}, "chat_removed", (("chat_id", chat_id),))
+            ref.tell(members, "chat", chat_id)
+        elif action == "send":
+            text = f"message {len(ref.messages)}"
+            message = send(client, chat_id, text)
+            ref.messages[message["id"]] = (chat_id, text, actor)
+            ref.marks[actor, chat_id] = message["id"]
+            ref.tell(members, "message", (chat_id, message["id"]))
+        elif action == "edit" and mine:
+            message_id = rng.choice(mine)
+            text = f"edited {rng.random()}"
+            client.put_json(f"/chats/{chat_id}/messages/{message_id}", {"text": text})
+            ref.messages[message_id] = (chat_id, text, actor)
+            ref.tell(members, "message_edited", (chat_id, message_id))
+        elif action == "react" and mine:
+            message_id, emoji = rng.choice(mine), rng.choice("👍🎉")
+            before = client.get(f"/chats/{chat_id}/messages/{message_id}").json["reactions"]
+            client.put_json(f"/chats/{chat_id}/messages/{message_id}/reaction", {"emoji": emoji})
+            if actor not in before.get(emoji, []):
+                ref.tell(members, "reaction", (("chat_id", chat_id), ("emoji", emoji),
+                                               ("message_id", message_id), ("user_id", actor)))
+        elif action == "delete" and mine:
+            message_id = rng.choice(mine)
+            client.delete(f"/chats/{chat_id}/messages/{message_id}")
+            del ref.messages[message_id]
+            ref.tell(members, "message_deleted", (("chat_id", chat_id), ("message_id", message_id)))
+        elif action == "read":
+            last = max([m for m, (chat, _, _) in ref.messages.items() if chat == chat_id], default=0)
+            client.post_json(f"/chats/{chat_id}/read", {})
+            if last > ref.marks[actor, chat_id]:
+                ref.marks[actor, chat_id] = last
+                ref.tell({actor}, "read", (("chat_id", chat_id), ("message_id", last), ("user_id", actor)))
+        elif action == "rename":
+            client.put_json(f"/chats/{chat_id}", {"name": f"renamed {rng.random()}"})
+            ref.tell(members, "chat", chat_id)
+    assert sum(len(ref.feed(user)) for user in ids) > 500  # enough happened
+    for user in ids:
+        assert whole_feed(client_of[user]) == ref.feed(user), user
+
+
+def test_updates_of_a_rejoining_member_skip_what_happened_while_away(ann, bob, carol, group):
+    send(ann, group["id"], "before")
+    ann.delete(f"/chats/{group['id']}/members/{carol.user['id']}")
+    send(ann, group["id"], "while away")
+    ann.post_json(f"/chats/{group['id']}/members", {"user_id": carol.user["id"]})
+    send(ann, group["id"], "after")
+    texts = [u["message"]["text"] for u in updates(carol) if u["type"] == "message"]
+    assert texts == ["before", "after"]
+    assert [u["type"] for u in updates(carol)] == ["chat", "message", "chat_removed", "chat", "message"]
+
+
+def test_updates_of_a_late_member_start_when_they_joined(ann, bob, login, group):
+    send(ann, group["id"], "before")
+    dan = login()
+    ann.post_json(f"/chats/{group['id']}/members", {"user_id": dan.user["id"]})
+    send(ann, group["id"], "after")
+    assert [(u["type"], u.get("message", {}).get("text")) for u in updates(dan)] == [
+        ("chat", None), ("message", "after")]
 
 
 def test_updates_timeout_returns_empty_after_waiting(ann):
