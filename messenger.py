@@ -328,6 +328,7 @@ class Database:
         # Writers of this process queue here and are woken at once; SQLite's
         # busy timeout, which sleeps and retries, is left for other processes.
         self._write_lock = threading.Lock()
+        self._writer = None  # the connection of every write transaction, once one ran
         self._closed = False
         conn = self._open()
         try:
@@ -426,8 +427,13 @@ class Database:
 
     @contextlib.contextmanager
     def transaction(self):
-        """Borrow a connection inside BEGIN IMMEDIATE: commit, or roll back on error."""
-        with self._write_lock, self.connection() as conn:
+        """The writer connection inside BEGIN IMMEDIATE: commit, or roll back on error."""
+        # One connection writes for the whole app: a commit empties the page
+        # cache of every other connection, but not the committer's own.
+        with self._write_lock:
+            if self._writer is None:
+                self._writer = self._open()
+            conn = self._writer
             # IMMEDIATE takes the write lock up front, so two writers queue
             # on busy_timeout instead of failing with "database is locked".
             conn.execute("BEGIN IMMEDIATE")
@@ -441,12 +447,16 @@ class Database:
                 raise
 
     def close(self):
-        """Close every idle connection, and each borrowed one when it comes back."""
+        """Close every idle connection and the writer, and each borrowed one when it comes back."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
 
 
 # ---------------------------------------------------------------------------
@@ -688,21 +698,24 @@ def _session_cookies():
     return values[:MAX_SESSION_COOKIES]
 
 
-Session = collections.namedtuple("Session", "user_id token_hash")
+# `user` is the caller's own user object as JSON text, for the routes that show it.
+Session = collections.namedtuple("Session", "user_id token_hash user")
+OWN_USER = ("json_object('id', u.id, 'email', u.email, 'username', u.username, 'name', u.name,"
+            " 'status', u.status, 'phone', u.phone)")
 
 
-def _session(db):
-    """The request's live session, or raise 401."""
+def _session(db, with_user=False):
+    """The request's live session (with the user, in the same statement), or raise 401."""
     now = time.time()
+    sql = ("SELECT s.user_id, " + OWN_USER + " FROM sessions AS s JOIN users AS u ON u.id = s.user_id"
+           if with_user else "SELECT s.user_id, NULL FROM sessions AS s")
+    sql += " WHERE s.token_hash = ? AND s.expires_at > ?"
     with db.connection() as conn:
         for token in _session_cookies():
             token_hash = _token_hash(token)
-            row = conn.execute(
-                "SELECT user_id FROM sessions WHERE token_hash = ? AND expires_at > ?",
-                (token_hash, now),
-            ).fetchone()
+            row = conn.execute(sql, (token_hash, now)).fetchone()
             if row:
-                return Session(row["user_id"], token_hash)
+                return Session(row[0], token_hash, row[1])
     raise error(401, "not_authorized", "Log in first: no valid session cookie came with the request.")
 
 
@@ -1041,11 +1054,12 @@ def route(method, path, **contract):
 
 
 class _Context:
-    """A Bottle plugin: each handler gets what its parameters name, `app`, `db`, `me`, `session`."""
+    """A Bottle plugin: each handler gets what its parameters name: `app`, `db`, `me`, `session`, `caller`."""
 
-    # As Bottle's own sqlite plugin passes `db`. `me` (the caller's id) and
-    # `session` exist on routes that need a session, which is checked here,
-    # before the handler runs, so that the rule lives in one place.
+    # As Bottle's own sqlite plugin passes `db`. `me` (the caller's id),
+    # `session` and `caller` (the caller's own user object, as JSON text) exist
+    # on routes that need a session, which is checked here, before the
+    # handler runs, so that the rule lives in one place.
 
     name, api = "context", 2
 
@@ -1059,7 +1073,9 @@ class _Context:
             context = dict(given)
             try:
                 if not public:
-                    session = _session(app.db)
+                    session = _session(app.db, with_user="caller" in wants)
+                    if "caller" in wants:
+                        context["caller"] = session.user
                     if "me" in wants:
                         context["me"] = session.user_id
                     if "session" in wants:
@@ -1247,10 +1263,9 @@ def logout(app, db, session):
 
 
 @route("GET", "/users", returns=_ref("User"))
-def current_user(db, me):
+def current_user(caller):
     """The logged-in user."""
-    with db.connection() as conn:
-        return _user_json(_load_user(conn, me))
+    return _json_text(caller)
 
 
 @route("GET", "/users/<user>", path_params={"user": _text(1, description="An id (digits), or a search")},
@@ -1957,25 +1972,17 @@ def list_messages(db, me, chat_id):
 
 def _message_page(conn, chat_id, limit, before, after):
     """A page of a chat's messages as JSON text, oldest first, and whether more lie beyond it."""
-    # Each query answers one row: SQLite joins the page's stored JSON itself.
+    # One statement in the index's order, a row more than the page: whether
+    # that row exists says whether there are more.
     if after is not None:
-        messages, _, last = conn.execute(
-            "SELECT group_concat(json, ','), min(id), max(id) FROM (SELECT id, json FROM messages"
-            " WHERE chat_id = ? AND id > ? ORDER BY id LIMIT ?)",
-            (chat_id, after, limit),
-        ).fetchone()
-        has_more = last is not None and _exists(
-            conn, "SELECT 1 FROM messages WHERE chat_id = ? AND id > ?", (chat_id, last))
+        rows = conn.execute("SELECT json FROM messages WHERE chat_id = ? AND id > ? ORDER BY id LIMIT ?",
+                            (chat_id, after, limit + 1)).fetchall()
+        page = rows[:limit]
     else:
-        messages, first, _ = conn.execute(
-            "SELECT group_concat(json, ','), min(id), max(id) FROM (SELECT id, json FROM"
-            " (SELECT id, json FROM messages WHERE chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?)"
-            " ORDER BY id)",
-            (chat_id, MAX_ID if before is None else before, limit),
-        ).fetchone()
-        has_more = first is not None and _exists(
-            conn, "SELECT 1 FROM messages WHERE chat_id = ? AND id < ?", (chat_id, first))
-    return messages or "", has_more
+        rows = conn.execute("SELECT json FROM messages WHERE chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                            (chat_id, MAX_ID if before is None else before, limit + 1)).fetchall()
+        page = rows[:limit][::-1]
+    return ",".join(row[0] for row in page), len(rows) > limit
 
 
 @route("PUT", "/chats/<chat_id>/messages/<message_id>", body=EDIT_BODY, returns=_ref("Message"),
