@@ -2526,6 +2526,7 @@ Event = collections.namedtuple("Event", "type ref payload", defaults=(None, None
 UPDATES_QUERY = (
     """SELECT u.id, u.type,
            '{"update_id":' || u.id || ',"type":"' || u.type || '",' || CASE
+           WHEN u.created_at < :since THEN NULL  -- expired, not yet pruned
            WHEN u.type IN ('message', 'message_edited') THEN
                (SELECT '"message":' || msg.json || '}' FROM messages AS msg
                   JOIN chat_members AS member ON member.chat_id = msg.chat_id AND member.user_id = :reader
@@ -2547,9 +2548,7 @@ UPDATES_QUERY = (
                                AND (s.until_id IS NULL OR e.id <= s.until_id)
              WHERE s.user_id = :reader
             ORDER BY 1 LIMIT :limit) AS page
-      JOIN updates AS u ON u.id = page.id
-     WHERE u.created_at >= :since
-     ORDER BY u.id"""
+      JOIN updates AS u ON u.id = page.id"""
 )
 LAST_UPDATE = "(SELECT coalesce(max(id), 0) FROM updates)"  # a span's bounds
 
@@ -2628,16 +2627,19 @@ class Feed:
         now = time.time()
         found = []
         with db.connection() as conn:
+            cursor = conn.cursor()
+            cursor.row_factory = None  # plain tuples: a page is many rows
             while len(found) < limit:  # again when some of a page had nothing to show
                 wanted = limit - len(found)
-                page = conn.execute(UPDATES_QUERY, {
+                page = cursor.execute(UPDATES_QUERY, {
                     "reader": user_id, "offset": offset, "limit": wanted,
                     "since": now - self.retention_seconds, "typing_since": now - TYPING_SHOWN_SECONDS,
                 }).fetchall()
-                found += [row for row in page if row["body"] is not None]
+                page.sort()  # by id: here, since SQLite would copy every body to sort them
+                found += [row for row in page if row[2] is not None]
                 if len(page) < wanted:
                     break
-                offset = page[-1]["id"] + 1
+                offset = page[-1][0] + 1
         return found
 
     def generation(self, user_id):
@@ -2716,7 +2718,7 @@ def get_updates(app, db, me):
             updates = feed.read(db, me, offset, limit)
             remaining = deadline - time.monotonic()
             if updates or not may_wait or remaining <= 0 or feed.closed:
-                return _json_text('{"updates":[' + ",".join(update["body"] for update in updates) + "]}")
+                return _json_text('{"updates":[' + ",".join(body for _, _, body in updates) + "]}")
             # No connection is held while waiting: it went back to the pool.
             feed.wait(me, generation, min(remaining, POLL_RECHECK_SECONDS))
 
@@ -2752,11 +2754,11 @@ def _event_stream(feed, db, session, offset, options):
             if not _session_lives(db, session):  # logged out, a new password, or expired
                 return
             updates = feed.read(db, session.user_id, offset, MAX_PAGE)
-            for update in updates:
-                yield f"id: {update['id']}\nevent: {update['type']}\ndata: {update['body']}\n\n"
+            for update_id, kind, body in updates:
+                yield f"id: {update_id}\nevent: {kind}\ndata: {body}\n\n"
             now = time.monotonic()
             if updates:
-                offset, written = updates[-1]["id"] + 1, now
+                offset, written = updates[-1][0] + 1, now
                 continue
             if not may_wait:  # most threads, or this user's share, are waiting already: come back later
                 yield f"retry: {STREAM_BUSY_RETRY_MS}\n\n"
