@@ -124,6 +124,7 @@ STREAM_BUSY_RETRY_MS = 5000  # the same, when the threads were too busy to keep 
 MAX_WAITING_PER_USER = 4  # waiting polls and streams of one user, so that one cannot crowd out others
 TYPING_SHOWN_SECONDS = 10  # a typing update older than this is news no more: never answered
 TYPING_REPEAT_SECONDS = 3  # a "still typing" sooner than this after the last one sends nothing
+MAX_TYPING_KEPT = 10_000  # typists remembered for that, before the stale ones are forgotten
 
 # waitress, configured on purpose:
 # a body up to this many times the largest upload reaches the app, which
@@ -984,6 +985,8 @@ SCHEMAS = {
             ("chat", ["chat"], {"chat": _ref("Chat")}),
             ("chat_removed", ["chat_id"], {"chat_id": ID}),
             ("user", ["user"], {"user": _ref("User")}),
+            ("typing", ["chat_id", "user_id", "typing"],
+             {"chat_id": ID, "user_id": ID, "typing": {"type": "boolean"}}),
         ]
     ]},
     "Error": {"type": "object", "required": ["error", "message"], "additionalProperties": False,
@@ -1941,6 +1944,7 @@ def send_message(app, db, me, chat_id):
         )
         message = _message_json(conn, message_id)
         app.feed.to_chat(conn, chat_id, Event("message", message_id))
+    app.feed.typing_ended(chat_id, me)
     app.feed.publish()
     return _json_text(message)
 
@@ -2241,6 +2245,26 @@ def find_messages(conn, me, words, chat_id, before, limit, use_index=True):
         " ORDER BY s.rowid DESC LIMIT ?",
         (_to_json(chats), before, " ".join(words), limit),
     ).fetchall()
+
+
+@route("POST", "/chats/<chat_id>/typing", errors=("invalid_field", "chat_not_found"),
+       body=_body([], typing=_nullable({"type": "boolean", "default": True})))
+def set_typing(app, db, me, chat_id):
+    """Tell the chat's other members that the caller is typing ({"typing": false}: stopped)."""
+    chat_id = _path_id(chat_id)
+    typing = _json_body().get("typing", True)
+    if typing is None:
+        typing = True
+    if not isinstance(typing, bool):
+        raise _invalid("typing", "'typing' must be true or false.")
+    with db.connection() as conn:
+        _chat_row(conn, me, chat_id)
+    if app.feed.typing_is_news(chat_id, me, typing):
+        with db.transaction() as conn:
+            event = Event("typing", me, {"chat_id": chat_id, "user_id": me, "typing": typing})
+            app.feed.to_chat(conn, chat_id, event)
+        app.feed.publish()
+    return {}
 
 
 # ---------------------------------------------------------------------------
@@ -2583,6 +2607,27 @@ class Feed:
         self._written = threading.local()  # the users and chats this thread's transaction wrote to
         self.pruned_at = 0.0  # when this process last deleted expired updates
         self.closed = False
+        self._typing = {}  # (chat id, user id): when this process last sent their typing true
+
+    def typing_is_news(self, chat_id, user_id, typing):
+        """Whether a typing update is worth sending: not a true soon after a true (in this process)."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._typing) > MAX_TYPING_KEPT:  # forget whoever stopped long ago
+                self._typing = {key: at for key, at in self._typing.items()
+                                if now - at < TYPING_REPEAT_SECONDS}
+            if not typing:
+                self._typing.pop((chat_id, user_id), None)
+                return True
+            if now - self._typing.get((chat_id, user_id), -math.inf) < TYPING_REPEAT_SECONDS:
+                return False
+            self._typing[chat_id, user_id] = now
+            return True
+
+    def typing_ended(self, chat_id, user_id):
+        """A message arrived: a client stops showing its author as typing, so the next true is news."""
+        with self._lock:
+            self._typing.pop((chat_id, user_id), None)
 
     def _note(self, users=(), chats=()):
         written = self._written.__dict__

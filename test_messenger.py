@@ -1978,6 +1978,79 @@ def test_find_messages_matches_a_reference(many_messages, query, chat_id, before
     assert found == reference[:limit]
 
 
+# Typing (contract 5, POST /chats/{id}/typing; 6, the typing update)
+
+
+def typing_updates(client):
+    return [(u["chat_id"], u["user_id"], u["typing"]) for u in updates(client) if u["type"] == "typing"]
+
+
+def test_typing_reaches_the_other_members_not_the_typist(ann, bob, carol, group):
+    assert ann.post_json(f"/chats/{group['id']}/typing", {"typing": True}).json == {}
+    expected = [(group["id"], ann.user["id"], True)]
+    assert typing_updates(bob) == typing_updates(carol) == expected
+    assert typing_updates(ann) == []
+
+
+@pytest.mark.parametrize("body", [{}, {"typing": None}])
+def test_typing_defaults_to_true(ann, bob, chat, body):
+    ann.post_json(f"/chats/{chat['id']}/typing", body)
+    assert typing_updates(bob) == [(chat["id"], ann.user["id"], True)]
+
+
+def test_typing_true_again_within_three_seconds_sends_nothing(ann, bob, chat):
+    for typing in (True, True, False, True):
+        ann.post_json(f"/chats/{chat['id']}/typing", {"typing": typing})
+    assert [typing for _, _, typing in typing_updates(bob)] == [True, False, True]
+
+
+def test_typing_true_again_after_three_seconds_is_sent(ann, bob, chat, monkeypatch):
+    ann.post_json(f"/chats/{chat['id']}/typing", {})
+    clock = time.monotonic() + messenger.TYPING_REPEAT_SECONDS
+    monkeypatch.setattr(messenger.time, "monotonic", lambda: clock)
+    ann.post_json(f"/chats/{chat['id']}/typing", {})
+    assert len(typing_updates(bob)) == 2
+
+
+def test_typing_after_a_message_is_news_again(ann, bob, chat):
+    ann.post_json(f"/chats/{chat['id']}/typing", {})
+    send(ann, chat["id"], "done typing")
+    ann.post_json(f"/chats/{chat['id']}/typing", {})
+    assert len(typing_updates(bob)) == 2
+
+
+def test_typing_older_than_ten_seconds_is_never_answered(app, ann, bob, chat):
+    ann.post_json(f"/chats/{chat['id']}/typing", {})
+    with app.db.transaction() as conn:
+        conn.execute("UPDATE updates SET created_at = created_at - ? WHERE type = 'typing'",
+                     (messenger.TYPING_SHOWN_SECONDS + 1,))
+    assert typing_updates(bob) == []
+
+
+def test_typing_wakes_a_waiting_poll(server):
+    ann_cookie, bob_cookie, chat_id, offset = two_in_a_chat(server)
+    answer = []
+    thread = threading.Thread(target=lambda: answer.extend(poll(server, bob_cookie, offset=offset,
+                                                                timeout=30)))
+    thread.start()
+    assert wait_until(lambda: server.app.feed.waiting == 1)
+    started = time.monotonic()
+    call(f"{server.url}/chats/{chat_id}/typing", "POST", {}, ann_cookie)
+    thread.join()
+    assert time.monotonic() - started < 2 and [u["type"] for u in answer] == ["typing"]
+
+
+@pytest.mark.parametrize("body", [{"typing": "yes"}, {"typing": 1}, {"typing": []}])
+def test_typing_bad_body_is_invalid_field(ann, chat, body):
+    response = ann.post_json(f"/chats/{chat['id']}/typing", body, status=400)
+    assert error(response) == ("invalid_field", "typing")
+
+
+def test_typing_in_others_chat_is_not_found(login, chat):
+    response = login().post_json(f"/chats/{chat['id']}/typing", {}, status=400)
+    assert error(response) == ("chat_not_found", None)
+
+
 # Files (contract 5, files), and messages that carry them
 
 
