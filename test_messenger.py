@@ -1,6 +1,7 @@
 """Tests for messenger, in the order of the API contract (README.md)."""
 
 import base64
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -3397,6 +3398,23 @@ def test_server_poll_wakes_when_a_message_arrives(server):
         delays.append(delay)
     # The goal is about 100 ms; the bound is loose so a busy machine does not fail it.
     assert statistics.median(delays) < 1.0
+
+
+def test_server_send_wakes_only_its_recipients(server, monkeypatch):
+    ann_cookie, bob_cookie, chat_id, _ = two_in_a_chat(server)
+    carol_id, carol = login_at(server.url, "carol@example.com")
+    reads = collections.Counter()
+    read = server.app.feed.read
+    monkeypatch.setattr(server.app.feed, "read", lambda db, user, *rest: (reads.update([user]),
+                                                                         read(db, user, *rest))[1])
+    waiting = threading.Thread(target=poll, args=(server, carol), kwargs={"offset": 10**9, "timeout": 2})
+    waiting.start()
+    assert wait_until(lambda: server.app.feed.waiting == 1)
+    for n in range(40):
+        call(f"{server.url}/chats/{chat_id}/messages", "POST", {"text": f"not for carol {n}"}, ann_cookie)
+    waiting.join()
+    # Carol's poll read when it began and at each quarter-second recheck, never for a send.
+    assert reads[carol_id] <= 2 / messenger.POLL_RECHECK_SECONDS + 2
 
 
 def test_server_poll_wakes_for_a_message_from_another_process(tmp_path, server):
