@@ -4638,6 +4638,8 @@ NON_LATIN_REQUESTS = [
     ("GET", "/chats/{chat}/messages/{message}", None, 200, None),
     ("GET", "/chats/{chat}/messages/ё", None, 400, "invalid_field"),
     ("GET", "/messages?query=отчёт", None, 200, None),
+    ("POST", "/chats/{chat}/typing", {"typing": True}, 200, None),
+    ("POST", "/chats/{chat}/typing", {"typing": "да"}, 400, "invalid_field"),
     ("POST", "/chats", {"name": "Поездка в Казань 🚆", "member_ids": ["{other}"]}, 200, None),
     ("POST", "/chats", {"name": "\u2028"}, 400, "invalid_field"),
     ("GET", "/chats/{group}/members", None, 200, None),
