@@ -1849,17 +1849,17 @@ def _change_text(conn, message_id, text, edited_at):
 
 
 def _insert_message(conn, chat_id, author_id, text, created_at, files=(), reply_to_id=None, client_id=None):
-    """Store a message carrying `files` (rows of id and JSON; a search indexes it later); its id."""
-    message_id = conn.execute(
+    """Store a message carrying `files` (rows of id and JSON; a search indexes it later): its id and JSON."""
+    message_id, message = conn.execute(
         "INSERT INTO messages (chat_id, author_id, text, files, reply_to_id, client_id, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id, json",
         (chat_id, author_id, text, "[" + ",".join(row["json"] for row in files) + "]", reply_to_id,
          client_id, created_at),
-    ).lastrowid
+    ).fetchone()
     if files:
         conn.executemany("INSERT INTO message_files (file_id, message_id) VALUES (?, ?)",
                          [(row["id"], message_id) for row in files])
-    return message_id
+    return message_id, message
 
 
 def _message_text(body, has_files):
@@ -1921,7 +1921,7 @@ def send_message(app, db, me, chat_id):
     client_id = _client_id(body)
     now = time.time()
     with db.transaction() as conn:
-        _chat_row(conn, me, chat_id)
+        chat = _chat_row(conn, me, chat_id)
         # Inside the write transaction: of two sends of one client_id at the
         # same moment, the second waits for the first and finds its message.
         sent = client_id and _first_send(conn, chat_id, me, client_id, now)
@@ -1932,7 +1932,8 @@ def send_message(app, db, me, chat_id):
                 conn, "SELECT 1 FROM messages WHERE id = ? AND chat_id = ?", (reply_to_id, chat_id)):
             raise error(400, "message_not_found", "'reply_to_id' is not a message of this chat.",
                         "reply_to_id")
-        message_id = _insert_message(conn, chat_id, me, text, _iso(now), files, reply_to_id, client_id)
+        message_id, message = _insert_message(conn, chat_id, me, text, _iso(now), files, reply_to_id,
+                                              client_id)
         if client_id:
             conn.execute("INSERT OR REPLACE INTO sends (chat_id, author_id, client_id, message_id, sent_at)"
                          " VALUES (?, ?, ?, ?, ?)", (chat_id, me, client_id, message_id, now))
@@ -1941,11 +1942,10 @@ def send_message(app, db, me, chat_id):
         conn.execute("UPDATE chats SET last_message_id = ?, message_count = message_count + 1 WHERE id = ?",
                      (message_id, chat_id))
         conn.execute(
-            "UPDATE chat_members SET last_read_id = ?, posted = posted + 1,"
-            " seen_count = (SELECT message_count FROM chats WHERE id = ?) WHERE chat_id = ? AND user_id = ?",
-            (message_id, chat_id, chat_id, me),
+            "UPDATE chat_members SET last_read_id = ?, posted = posted + 1, seen_count = ?"
+            " WHERE chat_id = ? AND user_id = ?",
+            (message_id, chat["message_count"] + 1, chat_id, me),
         )
-        message = _message_json(conn, message_id)
         app.feed.to_chat(conn, chat_id, Event("message", message_id))
     app.feed.typing_ended(chat_id, me)
     app.feed.publish()
@@ -1982,14 +1982,22 @@ def _message_page(conn, chat_id, limit, before, after):
     # One statement in the index's order, a row more than the page: whether
     # that row exists says whether there are more.
     if after is not None:
-        rows = conn.execute("SELECT json FROM messages WHERE chat_id = ? AND id > ? ORDER BY id LIMIT ?",
-                            (chat_id, after, limit + 1)).fetchall()
+        rows = _first_column(conn, "SELECT json FROM messages WHERE chat_id = ? AND id > ?"
+                                   " ORDER BY id LIMIT ?", (chat_id, after, limit + 1))
         page = rows[:limit]
     else:
-        rows = conn.execute("SELECT json FROM messages WHERE chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
-                            (chat_id, MAX_ID if before is None else before, limit + 1)).fetchall()
+        rows = _first_column(conn, "SELECT json FROM messages WHERE chat_id = ? AND id < ?"
+                                   " ORDER BY id DESC LIMIT ?",
+                             (chat_id, MAX_ID if before is None else before, limit + 1))
         page = rows[:limit][::-1]
-    return ",".join(row[0] for row in page), len(rows) > limit
+    return ",".join(page), len(rows) > limit
+
+
+def _first_column(conn, sql, params):
+    """The first column of every row a query finds (read as plain tuples: a page is many rows)."""
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    return [row[0] for row in cursor.execute(sql, params)]
 
 
 @route("PUT", "/chats/<chat_id>/messages/<message_id>", body=EDIT_BODY, returns=_ref("Message"),
@@ -2400,6 +2408,8 @@ def _insert_file(conn, owner_id, name, declared_type, f, created_at):
 
 def _own_files(conn, me, file_ids, now):
     """Rows (id, json) of files the caller uploaded and may send, in the order of `file_ids`."""
+    if not file_ids:
+        return []
     rows = {row["id"]: row for row in conn.execute(
         "SELECT id, json FROM files WHERE id IN (SELECT value FROM json_each(?)) AND owner_id = ?"
         " AND (created_at >= ? OR EXISTS (SELECT 1 FROM message_files WHERE file_id = files.id))",
@@ -2699,14 +2709,11 @@ class Feed:
         """Wake the waiting polls of the users this thread's transaction wrote to, after its commit."""
         written = self._written.__dict__
         users, chats = written.pop("users", set()), written.pop("chats", set())
-        with self._lock:
-            waiting = list(self._woken)
-        if chats and waiting:
+        if chats and self._woken:  # only then who is in the chats matters
             with self.db.connection() as conn:
-                users.update(row[0] for row in conn.execute(
-                    "SELECT user_id FROM chat_members WHERE chat_id IN (SELECT value FROM json_each(?))"
-                    " AND user_id IN (SELECT value FROM json_each(?))",
-                    (_to_json(list(chats)), _to_json(waiting))))
+                for chat_id in chats:
+                    users.update(row[0] for row in conn.execute(
+                        "SELECT user_id FROM chat_members WHERE chat_id = ?", (chat_id,)))
         with self._lock:
             for user in users & self._woken.keys():
                 condition, count = self._woken[user]
@@ -2930,8 +2937,8 @@ def seed_demo(app):
                     files = [_insert_file(conn, ids[author], file_name, content_type, io.BytesIO(data()),
                                           sent_at)]
                 reply_to_id = messages.get((name, DEMO_REPLIES.get((name, n))))
-                messages[name, n] = message_id = _insert_message(conn, chat_id, ids[author], text, sent_at,
-                                                                 files, reply_to_id)
+                message_id, _ = _insert_message(conn, chat_id, ids[author], text, sent_at, files, reply_to_id)
+                messages[name, n] = message_id
                 # Each member has read up to their own last message: the rest is unread.
                 conn.execute("UPDATE chat_members SET last_read_id = ? WHERE chat_id = ? AND user_id = ?",
                              (message_id, chat_id, ids[author]))
