@@ -1557,14 +1557,17 @@ CHAT_QUERY = """
                'owner_id', c.owner_id,
                'unread_count', c.message_count - m.seen_count,
                'last_read_id', m.last_read_id,
-               'others_read_id', (SELECT coalesce(max(last_read_id), 0) FROM chat_members
-                                   WHERE chat_id = c.id AND user_id <> m.user_id),
+               'others_read_id', CASE c.type WHEN 'group'
+                                     THEN (SELECT coalesce(max(last_read_id), 0) FROM chat_members
+                                            WHERE chat_id = c.id AND user_id <> m.user_id)
+                                     ELSE coalesce(theirs.last_read_id, 0) END,
                'created_at', c.created_at), '}')
            || ',"last_message":' || coalesce(message.json, 'null') || '}' AS chat
       FROM chat_members AS m
       JOIN chats AS c ON c.id = m.chat_id
       LEFT JOIN users AS other ON other.id = CASE WHEN c.user_low = m.user_id
                                                   THEN c.user_high ELSE c.user_low END
+      LEFT JOIN chat_members AS theirs ON theirs.chat_id = c.id AND theirs.user_id = other.id
       LEFT JOIN messages AS message ON message.id = c.last_message_id
 """
 
