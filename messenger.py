@@ -2568,9 +2568,7 @@ UPDATES_QUERY = (
            '{"update_id":' || u.id || ',"type":"' || u.type || '",' || CASE
            WHEN u.created_at < :since THEN NULL  -- expired, not yet pruned
            WHEN u.type IN ('message', 'message_edited') THEN
-               (SELECT '"message":' || msg.json || '}' FROM messages AS msg
-                  JOIN chat_members AS member ON member.chat_id = msg.chat_id AND member.user_id = :reader
-                 WHERE msg.id = u.ref)
+               CASE WHEN member.user_id IS NOT NULL THEN '"message":' || msg.json || '}' END
            WHEN u.type = 'chat' THEN
                (SELECT '"chat":' || chat || '}' FROM (""" + CHAT_QUERY + """
                  WHERE m.user_id = :reader AND m.chat_id = u.ref))
@@ -2588,7 +2586,9 @@ UPDATES_QUERY = (
                                AND (s.until_id IS NULL OR e.id <= s.until_id)
              WHERE s.user_id = :reader
             ORDER BY 1 LIMIT :limit) AS page
-      JOIN updates AS u ON u.id = page.id"""
+      JOIN updates AS u ON u.id = page.id
+      LEFT JOIN messages AS msg ON msg.id = u.ref AND u.type IN ('message', 'message_edited')
+      LEFT JOIN chat_members AS member ON member.chat_id = msg.chat_id AND member.user_id = :reader"""
 )
 LAST_UPDATE = "(SELECT coalesce(max(id), 0) FROM updates)"  # a span's bounds
 
