@@ -26,6 +26,7 @@ OpenAPI 3.1 at GET /openapi.json, built from each route's declared contract.
 __version__ = "0.1.0"
 
 import argparse
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -36,9 +37,11 @@ import hmac
 import html
 import inspect
 import io
+import itertools
 import json
 import logging
 import math
+import mimetypes
 import os
 import random
 import re
@@ -56,6 +59,7 @@ import urllib.parse
 import zlib
 
 import bottle
+import waitress.channel
 import waitress.server
 
 # ---------------------------------------------------------------------------
@@ -149,6 +153,7 @@ LOCAL_ORIGIN = re.compile(r"http://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})
 CORS_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 CORS_MAX_AGE_SECONDS = 7200  # how long a browser may keep a preflight's answer
 MAX_WARNED_ORIGINS = 100  # origins warned about once each (localhost calling 127.0.0.1)
+MAX_LOGGED_REQUESTS = 1000  # the request log of the test routes keeps the latest this many
 
 DEMO_PASSWORD = "demo-password"
 
@@ -223,9 +228,14 @@ class Options:
                                       " besides http://localhost, 127.0.0.1 and [::1] on any port;"
                                       " repeatable; '*' allows any",
                                       name="--cors-origin", action="append", metavar="ORIGIN")
+    fixtures: object = _option(None, "a JSON file of users, chats and messages to fill an empty"
+                                     " database with (the README shows the format); not with --demo",
+                               metavar="FILE")
     allow_reset: bool = _option(False, "enable POST /__reset, which empties the database (and"
-                                       " re-seeds the demo data with --demo), for clients'"
+                                       " loads the demo data or the fixtures again), for clients'"
                                        " end-to-end tests")
+    test_routes: bool = _option(False, "enable every test route: POST /__reset, the request log"
+                                       " (/__requests) and fault rules (/__faults)")
     secure_cookies: bool = _option(False, "mark the session cookie Secure (when served behind HTTPS)")
     quiet: bool = _option(False, "no access log")
     password_iterations: int = _option(PASSWORD_ITERATIONS)  # tests lower it
@@ -244,6 +254,8 @@ class Options:
             raise ValueError("threads must be at least 1")
         if self.max_file_bytes < 1 or self.max_photo_bytes < 1:
             raise ValueError("upload limits must be at least 1 byte")
+        if self.demo and self.fixtures is not None:
+            raise ValueError("--fixtures and --demo do not go together: the demo is fixtures of its own")
         object.__setattr__(self, "delay", parse_delay(self.delay))
         object.__setattr__(self, "cors_origins", frozenset(self.cors_origins))
 
@@ -527,9 +539,9 @@ def _header(name, default=""):
     return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
 
 
-def _cors_origin(allowed):
+def _cors_origin(allowed, origin=None):
     """The request's Origin if it is local or `allowed` to call the API with credentials, else None."""
-    origin = bottle.request.environ.get("HTTP_ORIGIN")
+    origin = origin or bottle.request.environ.get("HTTP_ORIGIN")
     if origin and (LOCAL_ORIGIN.fullmatch(origin) or origin in allowed or "*" in allowed):
         return origin
     return None
@@ -1005,6 +1017,7 @@ OFFSET = {"type": "integer", "minimum": 0, "maximum": MAX_ID, "default": 0}
 AFTER = {"type": "integer", "minimum": 0, "maximum": MAX_ID}
 TIMEOUT = {"type": "integer", "minimum": 0, "maximum": MAX_POLL_SECONDS, "default": 0}
 LAST_EVENT_ID = {"type": "integer", "minimum": 0, "maximum": MAX_ID - 1}
+REQUEST_LOG_LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_LOGGED_REQUESTS, "default": 100}
 EDIT_BODY = _body(["text"], text=dict(TEXT, minLength=0, description=TEXT["description"]
                                       + " Empty only in a message with files."))
 SEND_BODY = _body(
@@ -2624,6 +2637,7 @@ class Feed:
         self.pruned_at = 0.0  # when this process last deleted expired updates
         self.closed = False
         self._typing = {}  # (chat id, user id): when this process last sent their typing true
+        self.streams_ended = 0  # grows when every open stream must end
 
     def typing_is_news(self, chat_id, user_id, typing):
         """Whether a typing update is worth sending: not a true soon after a true (in this process)."""
@@ -2751,6 +2765,18 @@ class Feed:
                     if not self.waiting_of[user_id]:
                         del self.waiting_of[user_id], self._woken[user_id]
 
+    def wake_all(self):
+        """Wake every waiting poll and stream, to look again (their sessions may be gone)."""
+        with self._lock:
+            for user, (condition, count) in self._woken.items():
+                self._woken[user] = condition, count + 1
+                condition.notify_all()
+
+    def end_streams(self):
+        """End every open event stream now (a drop rule for them came into force)."""
+        self.streams_ended += 1
+        self.wake_all()
+
     def close(self):
         """End every wait now and refuse new ones (the server is stopping)."""
         with self._lock:
@@ -2804,12 +2830,13 @@ def stream_updates(app, db, session):
 def _event_stream(feed, db, session, offset, options):
     """Yield a user's updates from `offset` on as events, until the stream's time or session is up."""
     # Runs after the handler has returned, so it takes everything as arguments.
+    ended = feed.streams_ended
     with feed.waiter(session.user_id) as may_wait:
         yield f"retry: {STREAM_RETRY_MS}\n\n"
         started = written = time.monotonic()
         while True:
             generation = feed.generation(session.user_id)
-            if not _session_lives(db, session):  # logged out, a new password, or expired
+            if not _session_lives(db, session) or feed.streams_ended != ended:  # logged out, or a drop rule
                 return
             updates = feed.read(db, session.user_id, offset, MAX_PAGE)
             for update_id, kind, body in updates:
@@ -2833,55 +2860,10 @@ def _event_stream(feed, db, session, offset, options):
 
 
 # ---------------------------------------------------------------------------
-# Demo data
+# Fixtures and demo data
 # ---------------------------------------------------------------------------
 
-DEMO_USERS = [  # email, username, name, status, phone
-    ("ann@example.com", "ann", "Ann Lee", "Drawing dragons", "+1 555 0101"),
-    ("bob@example.com", "bob", "Bob Stone", "At the climbing gym", ""),
-    ("carol@example.com", "carol", "Carol Díaz", "", "+34 600 123 456"),
-    ("dave@example.com", "dave", "Dave Kim", "Offline until Monday", ""),
-]
-# The oldest first: a group's name (None: a dialog), its members (the owner
-# first), and (author, text) from the oldest.
-DEMO_CHATS = [
-    (None, ["bob", "dave"], [
-        ("dave", "Did you push the fix for the login page?"),
-        ("bob", "Yes, it's on main since this morning."),
-        ("dave", "Thanks, I'll test it on Monday."),
-    ]),
-    (None, ["ann", "carol"], [
-        ("ann", "Carol, park on Saturday at 10? Bob is coming."),
-        ("carol", "Count me in!"),
-        ("carol", "Can I bring my sister?"),
-    ]),
-    (None, ["ann", "bob"], [
-        ("bob", "Hey Ann! Are we still on for Saturday?"),
-        ("ann", "Yes! 10 am at the park entrance?"),
-        ("bob", "Perfect. I'll bring the frisbee."),
-        ("ann", "And I'll bring sandwiches 🥪"),
-        ("bob", "Deal. Should we ask Carol too?"),
-        ("ann", "Already did, she's in."),
-        ("bob", "Great, see you there!"),
-    ]),
-    ("Saturday in the park", ["ann", "bob", "carol"], [
-        ("ann", "A group for Saturday, so the three of us can plan together."),
-        ("bob", "I'll bring the frisbee."),
-        ("carol", "My sister is coming too, with her kite!"),
-        ("carol", "This is the kite."),
-        ("ann", "Lovely. See you all at 10 at the entrance."),
-    ]),
-]
-DEMO_EDIT = ("Saturday in the park", 1, "I'll bring the frisbee and a ball.")  # the second message
-# (chat, message number): the file it carries, (name, content type, bytes), made when seeded.
-DEMO_FILES = {
-    ("Saturday in the park", 3): ("kite.png", "image/png", lambda: _demo_picture()),
-    (None, 3): ("picnic-list.txt", "text/plain", lambda: b"Sandwiches\nLemonade\nFrisbee\nA blanket\n"),
-}
-DEMO_REPLIES = {("Saturday in the park", 4): 3}  # Ann's last message answers Carol's kite
 DEMO_PICTURE_SIZE = (160, 120)
-DEMO_REACTIONS = [("Saturday in the park", 2, "ann", "🪁"), ("Saturday in the park", 3, "bob", "👍"),
-                  ("Saturday in the park", 3, "carol", "👍")]
 
 
 def _demo_picture():
@@ -2905,61 +2887,279 @@ def _demo_picture():
             + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
 
 
-def _has_demo_logins(app):
-    """Whether the first demo user is there with the demo password (an earlier --demo seeded it)."""
-    with app.db.connection() as conn:
-        row = conn.execute(
-            "SELECT password_hash FROM users WHERE email_key = ?", (_fold(DEMO_USERS[0][0]),)
-        ).fetchone()
-    return row is not None and verify_password(DEMO_PASSWORD, row["password_hash"])
+def demo_fixtures():
+    """The demo data (--demo) as fixtures: what the README shows, to copy and change."""
+    ann, bob, carol, dave = (f"{name}@example.com" for name in ("ann", "bob", "carol", "dave"))
+    picture = {"name": "kite.png", "base64": base64.b64encode(_demo_picture()).decode()}
+    picnic = {"name": "picnic-list.txt", "base64": base64.b64encode(
+        b"Sandwiches\nLemonade\nFrisbee\nA blanket\n").decode()}
+    return {
+        "users": [
+            {"email": ann, "password": DEMO_PASSWORD, "username": "ann", "name": "Ann Lee",
+             "status": "Drawing dragons", "phone": "+1 555 0101"},
+            {"email": bob, "password": DEMO_PASSWORD, "username": "bob", "name": "Bob Stone",
+             "status": "At the climbing gym"},
+            {"email": carol, "password": DEMO_PASSWORD, "username": "carol", "name": "Carol Díaz",
+             "phone": "+34 600 123 456"},
+            {"email": dave, "password": DEMO_PASSWORD, "username": "dave", "name": "Dave Kim",
+             "status": "Offline until Monday"},
+        ],
+        "chats": [
+            {"members": [bob, dave], "messages": [
+                {"from": dave, "text": "Did you push the fix for the login page?"},
+                {"from": bob, "text": "Yes, it's on main since this morning."},
+                {"from": dave, "text": "Thanks, I'll test it on Monday."}]},
+            {"members": [ann, carol], "messages": [
+                {"from": ann, "text": "Carol, park on Saturday at 10? Bob is coming."},
+                {"from": carol, "text": "Count me in!"},
+                {"from": carol, "text": "Can I bring my sister?"}]},
+            {"members": [ann, bob], "messages": [
+                {"from": bob, "text": "Hey Ann! Are we still on for Saturday?"},
+                {"from": ann, "text": "Yes! 10 am at the park entrance?"},
+                {"from": bob, "text": "Perfect. I'll bring the frisbee."},
+                {"from": ann, "text": "And I'll bring sandwiches 🥪", "files": [picnic]},
+                {"from": bob, "text": "Deal. Should we ask Carol too?"},
+                {"from": ann, "text": "Already did, she's in."},
+                {"from": bob, "text": "Great, see you there!"}]},
+            {"name": "Saturday in the park", "members": [ann, bob, carol], "messages": [
+                {"from": ann, "text": "A group for Saturday, so the three of us can plan together."},
+                {"from": bob, "text": "I'll bring the frisbee and a ball.", "edited": True},
+                {"from": carol, "text": "My sister is coming too, with her kite!",
+                 "reactions": {"🪁": [ann]}},
+                {"from": carol, "text": "This is the kite.", "files": [picture],
+                 "reactions": {"👍": [bob, carol]}},
+                {"from": ann, "text": "Lovely. See you all at 10 at the entrance.", "reply_to": 3}]},
+        ],
+    }
 
 
-def seed_demo(app):
-    """Fill an empty database with demo users, chats and messages; False if it had users."""
-    with app.db.connection() as conn:
-        if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
-            return False
-    password_hash = hash_password(DEMO_PASSWORD, app.options.password_iterations)
+class FixturesError(ValueError):
+    """Fixtures that cannot be loaded: `path` names the entry at fault (chats[1].messages[3].from)."""
+
+    def __init__(self, path, message):
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path, self.message = path, message
+
+
+def _entry(value, path, keys=None, required=()):
+    """A fixtures object with only these keys (a typo must not pass silently), the required ones there."""
+    if not isinstance(value, dict):
+        raise FixturesError(path, "must be an object")
+    for key in value:
+        if keys is not None and key not in keys:
+            raise FixturesError(f"{path}.{key}" if path else key, "is not a key of this entry")
+    for key in required:
+        if value.get(key) is None:
+            raise FixturesError(f"{path}.{key}" if path else key, "is required")
+    return value
+
+
+def _entries(value, path):
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise FixturesError(path, "must be a list")
+    return value
+
+
+def _checked(path, check, *args, **kwargs):
+    """Run one of the API's own checks on a fixtures entry; its complaint, with the entry's path."""
+    try:
+        return check(*args, **kwargs)
+    except bottle.HTTPResponse as answer:
+        body = json.loads(answer.body)
+        field = body.get("field")
+        raise FixturesError(f"{path}.{field}" if field else path, body["message"]) from None
+
+
+def _fixture_file(spec, path, base, max_bytes):
+    """A fixtures file entry: (name, declared type, bytes) from a path or {"name", "base64"}."""
+    if isinstance(spec, str):
+        if base is None:
+            raise FixturesError(path, "files are inline here: {\"name\": ..., \"base64\": ...}")
+        try:
+            with open(os.path.join(base, spec), "rb") as f:
+                data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise FixturesError(path, f"cannot read {spec!r}: {exc.strerror or exc}") from None
+        name = spec
+    else:
+        _entry(spec, path, {"name", "base64"}, ("name", "base64"))
+        name = spec["name"]
+        try:
+            data = base64.b64decode(spec["base64"], validate=True)
+        except (TypeError, ValueError):
+            raise FixturesError(f"{path}.base64", "is not base64") from None
+    if not isinstance(name, str):
+        raise FixturesError(path, "a file's name must be a string")
+    if not data:
+        raise FixturesError(path, "the file is empty")
+    if len(data) > max_bytes:
+        raise FixturesError(path, f"the file is over {max_bytes} bytes")
+    name = _file_name(name)
+    return name, mimetypes.guess_type(name)[0] or "application/octet-stream", data
+
+
+def fixture_emails(fixtures):
+    """The folded emails of the fixtures' users (a database they filled has exactly these)."""
+    return {_fold(str(user.get("email", "")).strip())
+            for user in fixtures.get("users") or [] if isinstance(user, dict)}
+
+
+def load_fixtures(app, conn, fixtures, base=None):
+    """Fill an empty database with fixtures in one transaction (`conn`'s); FixturesError if they are wrong."""
+    _entry(fixtures, "", {"users", "chats"})
     now = time.time()
+    hashes = app.password_hashes  # one hash per password, kept: a reset does not pay for them again
+    emails = {}
+    for n, user in enumerate(_entries(fixtures.get("users"), "users")):
+        path = f"users[{n}]"
+        _entry(user, path, {"email", "password", *USER_FIELDS}, ("email", "password"))
+        email = _checked(path, _user_field, user, "email", required=True)
+        password = _checked(path, _password, user, required=True)
+        fields = {field: _checked(path, _user_field, user, field, required=False) or ""
+                  for field in ("username", "name", "status", "phone")}
+        if _fold(email) in emails:
+            raise FixturesError(f"{path}.email", f"{email!r} is there twice")
+        if fields["username"] and _taken(conn, username=fields["username"]):
+            raise FixturesError(f"{path}.username", f"{fields['username']!r} is taken")
+        username = fields.pop("username") or _free_username(conn, _username_from_email(email))
+        if password not in hashes:
+            hashes[password] = hash_password(password, app.options.password_iterations)
+        emails[_fold(email)] = _insert_user(conn, email, username, hashes[password], **fields,
+                                            created_at=_iso(now - DAY_SECONDS))
+    chats, messages = [], []  # (chat id, member ids, path, its messages' entries)
+    for n, chat in enumerate(_entries(fixtures.get("chats"), "chats")):
+        path = f"chats[{n}]"
+        _entry(chat, path, {"name", "members", "messages", "read"}, ("members",))
+        members = []
+        for m, email in enumerate(_entries(chat["members"], f"{path}.members")):
+            user = emails.get(_fold(email)) if isinstance(email, str) else None
+            if user is None:
+                raise FixturesError(f"{path}.members[{m}]", f"{email!r} is not a user of the fixtures")
+            if user in members:
+                raise FixturesError(f"{path}.members[{m}]", f"{email!r} is there twice")
+            members.append(user)
+        if chat.get("name") is None:
+            if len(members) != 2:
+                raise FixturesError(f"{path}.members", "a dialog (a chat without a name) has two members")
+            low, high = sorted(members)
+            if _exists(conn, "SELECT 1 FROM chats WHERE user_low = ? AND user_high = ?", (low, high)):
+                raise FixturesError(f"{path}.members", "these two have a dialog already")
+            chat_id = _insert_demo_chat(conn, None, members, "")
+        else:
+            name = _checked(path, _visible_text, chat, "name", MAX_CHAT_NAME_CHARS)
+            if not 1 <= len(members) <= MAX_GROUP_MEMBERS:
+                raise FixturesError(f"{path}.members", f"a group has 1 to {MAX_GROUP_MEMBERS} members")
+            chat_id = _insert_demo_chat(conn, name, members, "")
+        chats.append((chat_id, members, path, chat))
+        entries = _entries(chat.get("messages"), f"{path}.messages")
+        for m, message in enumerate(entries):
+            messages.append((chat_id, members, f"{path}.messages[{m}]", m, message))
+    # Without minutes_ago, a minute apart in file order, the last a minute ago.
+    spaced = sum(1 for *_, message in messages
+                 if isinstance(message, dict) and message.get("minutes_ago") is None)
+    timed = []
+    for chat_id, members, path, m, message in messages:
+        _entry(message, path, {"from", "text", "files", "reply_to", "reactions", "edited", "minutes_ago"},
+               ("from",))
+        minutes = message.get("minutes_ago")
+        if minutes is None:
+            minutes, spaced = spaced, spaced - 1
+        elif type(minutes) not in (int, float) or not 0 <= minutes <= 10**7:
+            raise FixturesError(f"{path}.minutes_ago", "must be a number of minutes, 0 or more")
+        timed.append((now - minutes * 60, chat_id, members, path, m, message))
+    timed.sort(key=lambda entry: entry[0])  # ids follow the times, across the whole file
+    ids = {}  # (chat id, index): message id
+    for sent, chat_id, members, path, m, message in timed:
+        author = emails.get(_fold(message["from"])) if isinstance(message["from"], str) else None
+        if author not in members:
+            raise FixturesError(f"{path}.from", f"{message['from']!r} is not a member of this chat")
+        specs = enumerate(_entries(message.get("files"), f"{path}.files"))
+        given = [_fixture_file(spec, f"{path}.files[{k}]", base, app.options.max_file_bytes)
+                 for k, spec in specs]
+        files = [_insert_file(conn, author, name, kind, io.BytesIO(data), _iso(sent))
+                 for name, kind, data in given]
+        text = _checked(path, _message_text, message, has_files=bool(files))
+        ids[chat_id, m] = message_id = _insert_message(conn, chat_id, author, text, _iso(sent), files)[0]
+        if message.get("edited") is not None:
+            if not isinstance(message["edited"], bool):
+                raise FixturesError(f"{path}.edited", "must be true or false")
+            if message["edited"]:
+                conn.execute("UPDATE messages SET edited_at = ? WHERE id = ?",
+                             (_iso(min(sent + 30, now)), message_id))
+        reactions = _entry(message.get("reactions") or {}, f"{path}.reactions")
+        for emoji, who in reactions.items():
+            emoji = _checked(f"{path}.reactions", _emoji, {"emoji": emoji})
+            for k, email in enumerate(_entries(who, f"{path}.reactions.{emoji}")):
+                user = emails.get(_fold(email)) if isinstance(email, str) else None
+                if user not in members:
+                    raise FixturesError(f"{path}.reactions.{emoji}[{k}]",
+                                        f"{email!r} is not a member of this chat")
+                if _exists(conn, "SELECT 1 FROM reactions WHERE message_id = ? AND user_id = ?",
+                           (message_id, user)):
+                    raise FixturesError(f"{path}.reactions.{emoji}[{k}]", "one reaction per user and message")
+                conn.execute("INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?)",
+                             (message_id, user, emoji))
+        if reactions:
+            _write_reactions(conn, message_id)
+    for _, chat_id, _, path, m, message in timed:
+        reply_to = message.get("reply_to")
+        if reply_to is not None:
+            if type(reply_to) is not int or not 0 <= reply_to < m:
+                raise FixturesError(f"{path}.reply_to", "must be the index of an earlier message here")
+            conn.execute("UPDATE messages SET reply_to_id = ? WHERE id = ?",
+                         (ids[chat_id, reply_to], ids[chat_id, m]))
+    for chat_id, members, path, chat in chats:
+        order = _first_column(conn, "SELECT id FROM messages WHERE chat_id = ? ORDER BY id", (chat_id,))
+        first = conn.execute("SELECT min(created_at) FROM messages WHERE chat_id = ?",
+                             (chat_id,)).fetchone()[0]
+        conn.execute("UPDATE chats SET created_at = ?, last_message_id = ?, message_count = ?,"
+                     " opened_after = coalesce(?, " + OPENED_NOW + ") WHERE id = ?",
+                     (first or _iso(now), order[-1] if order else None, len(order), 0 if order else None,
+                      chat_id))
+        read = _entry(chat.get("read") or {}, f"{path}.read")
+        for email, count in read.items():
+            user = emails.get(_fold(email))
+            if user not in members:
+                raise FixturesError(f"{path}.read.{email}", "is not a member of this chat")
+            if type(count) is not int or not 0 <= count <= len(order):
+                raise FixturesError(f"{path}.read.{email}", f"must be a count of messages, 0 to {len(order)}")
+        for user in members:
+            email = next(key for key, value in emails.items() if value == user)
+            given = {_fold(key): value for key, value in read.items()}
+            if email in given:  # how many of the chat's messages they have read
+                mark = order[given[email] - 1] if given[email] else 0
+            else:  # up to their own last message
+                mark = conn.execute("SELECT coalesce(max(id), 0) FROM messages"
+                                    " WHERE chat_id = ? AND author_id = ?", (chat_id, user)).fetchone()[0]
+            conn.execute(
+                "UPDATE chat_members SET last_read_id = ?, seen_count = (SELECT count(*) FROM messages"
+                " WHERE chat_id = ? AND (id <= ? OR author_id = ?)), posted = (SELECT count(*) FROM messages"
+                " WHERE chat_id = ? AND author_id = ?) WHERE chat_id = ? AND user_id = ?",
+                (mark, chat_id, mark, user, chat_id, user, chat_id, user))
+
+
+def _read_fixtures(path):
+    """Fixtures from a JSON file; FixturesError naming the file if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise FixturesError("", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def seed(app):
+    """Fill an empty database with the app's fixtures (or the demo's): True if it did, False if the
+    database already holds exactly their users (a restart), FixturesError if it holds others."""
+    fixtures, base = app.fixtures
     with app.db.transaction() as conn:
-        if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
-            return False  # another process seeded it meanwhile
-        ids = {username: _insert_user(conn, email, username, password_hash, name, status, phone,
-                                      _iso(now - 7 * DAY_SECONDS))
-               for email, username, name, status, phone in DEMO_USERS}
-        messages = {}  # (group name, n): message id
-        # The oldest chat first, so that message ids grow with time.
-        for age, (name, members, texts) in zip(range(len(DEMO_CHATS), 0, -1), DEMO_CHATS):
-            start = now - age * HOUR_SECONDS
-            chat_id = _insert_demo_chat(conn, name, [ids[member] for member in members], _iso(start))
-            for n, (author, text) in enumerate(texts):
-                sent_at = _iso(start + 60 * (n + 1))
-                files = []
-                if (name, n) in DEMO_FILES:
-                    file_name, content_type, data = DEMO_FILES[name, n]
-                    files = [_insert_file(conn, ids[author], file_name, content_type, io.BytesIO(data()),
-                                          sent_at)]
-                reply_to_id = messages.get((name, DEMO_REPLIES.get((name, n))))
-                message_id, _ = _insert_message(conn, chat_id, ids[author], text, sent_at, files, reply_to_id)
-                messages[name, n] = message_id
-                # Each member has read up to their own last message: the rest is unread.
-                conn.execute("UPDATE chat_members SET last_read_id = ? WHERE chat_id = ? AND user_id = ?",
-                             (message_id, chat_id, ids[author]))
-            conn.execute("UPDATE chats SET last_message_id = ? WHERE id = ?", (message_id, chat_id))
-        name, n, text = DEMO_EDIT
-        _change_text(conn, messages[name, n], text, _iso(now - 60))
-        for name, n, username, emoji in DEMO_REACTIONS:
-            conn.execute("INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?)",
-                         (messages[name, n], ids[username], emoji))
-            _write_reactions(conn, messages[name, n])
-        conn.execute("UPDATE chats SET message_count ="
-                     " (SELECT count(*) FROM messages WHERE chat_id = chats.id)")
-        conn.execute(
-            "UPDATE chat_members SET seen_count = (SELECT count(*) FROM messages AS m"
-            " WHERE m.chat_id = chat_members.chat_id AND (m.id <= chat_members.last_read_id"
-            " OR m.author_id = chat_members.user_id)), posted = (SELECT count(*) FROM messages AS m"
-            " WHERE m.chat_id = chat_members.chat_id AND m.author_id = chat_members.user_id)"
-        )
+        users = {row[0] for row in conn.execute("SELECT email_key FROM users")}
+        if users:
+            if users == fixture_emails(fixtures):
+                return False
+            raise FixturesError("", "the database has users of its own: fixtures fill an empty one")
+        load_fixtures(app, conn, fixtures, base)
     return True
 
 
@@ -2985,6 +3185,210 @@ def _insert_demo_chat(conn, name, members, created_at):
 
 
 # ---------------------------------------------------------------------------
+# Test routes (--test-routes): reset, the request log, faults
+# ---------------------------------------------------------------------------
+
+
+def reset(app, fixtures=None, base=None):
+    """Empty the database, end every session and stream, ids from 1 again, then load `fixtures`
+    (else the app's own); FixturesError, and nothing changed, if they are wrong."""
+    if fixtures is None and app.fixtures is not None:
+        fixtures, base = app.fixtures
+    with app.db.transaction() as conn:
+        # Deleting the users cascades to everything that belongs to them; groups,
+        # the search words and the login failures belong to no one.
+        conn.execute("DELETE FROM updates")
+        conn.execute("DELETE FROM users")  # with no rows left, ids start at 1 again
+        conn.execute("DELETE FROM chats")
+        conn.execute("DELETE FROM messages_search")
+        conn.execute("DELETE FROM login_failures")
+        conn.execute("DELETE FROM sqlite_sequence")  # message and file ids too
+        if fixtures is not None:
+            load_fixtures(app, conn, fixtures, base)
+    app.feed.wake_all()  # every stream sees its session gone, and ends
+
+
+def reset_database(app):
+    """Empty the database, then load the fixtures in the body, or the server's own (test route)."""
+    body = _json_body()
+    try:
+        reset(app, body or None)  # a body's files are inline
+    except FixturesError as exc:
+        raise error(400, "invalid_fixtures", exc.message, exc.path or None) from None
+    return {}
+
+
+def _masked(value):
+    """A logged body with every password, at any depth, as "***"."""
+    if isinstance(value, dict):
+        return {key: "***" if key == "password" else _masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value
+
+
+def _logged_body(environ):
+    """A request's JSON body as parsed, for the log (None when it is none, not JSON, or multipart)."""
+    multipart = environ.get("CONTENT_TYPE", "").startswith("multipart/")
+    if multipart or bottle.request.content_length > MAX_JSON_BYTES:
+        return None
+    try:
+        data = bottle.request.body.read(MAX_JSON_BYTES + 1)
+    except (bottle.HTTPError, ValueError, OSError):
+        return None
+    try:
+        return _masked(json.loads(data.decode("utf-8"))) if data.strip() else None
+    except (ValueError, RecursionError):
+        return None
+
+
+def _fault_for(app, method, path):
+    """The first rule in force that matches a request and applies now (its use counted), or None."""
+    with app.faults_lock:
+        for rule in app.faults:
+            if rule.get("method", method) != method or not rule["pattern"].fullmatch(path):
+                continue
+            if rule.get("times") == 0 or random.random() >= rule.get("rate", 1):
+                continue  # used up, or passed over this time: the next rules are tried
+            if "times" in rule:
+                rule["times"] -= 1
+            return rule
+    return None
+
+
+def _observed(app, wsgi, environ, start_response):
+    """The app as a WSGI callable with its test routes on: faults applied, requests logged."""
+    method, raw_path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+    path = raw_path.encode("latin-1").decode("utf-8", "replace")
+    if path.startswith("/__") or method == "OPTIONS":
+        return wsgi(environ, start_response)
+    started = time.perf_counter()
+    rule = _fault_for(app, method, path)
+    answer = {}
+
+    def start(status, headers, exc_info=None):
+        answer["status"] = int(status.split()[0])
+        return start_response(status, headers, exc_info)
+
+    if rule and rule.get("delay_ms"):
+        time.sleep(rule["delay_ms"] / 1000)
+    if rule and rule.get("drop"):
+        # waitress takes this for a client gone, and closes the connection unanswered.
+        raise waitress.channel.ClientDisconnected("a drop rule of PUT /__faults")
+    if rule and rule.get("status"):
+        status = rule["status"]
+        headers = [("Content-Type", JSON_TYPE), ("Vary", "Origin")]
+        headers += [("Retry-After", "1")] if status == 503 else []
+        origin = _cors_origin(app.options.cors_origins, environ.get("HTTP_ORIGIN"))
+        if origin:  # so that a browser client can read the fault, as any error
+            headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"),
+                        ("Access-Control-Expose-Headers", "Retry-After, ETag")]
+        start(f"{status} {bottle.HTTP_CODES.get(status, 'Injected Fault')}", headers)
+        out = [_error_body("injected_fault", f"A fault rule of PUT /__faults answered {status}.").encode()]
+    else:
+        out = wsgi(environ, start)
+    bottle.request.bind(environ)  # again, when no route ran: for the session and the body
+    session = None
+    with contextlib.suppress(bottle.HTTPResponse):
+        session = _session(app.db)
+    app.requests_log.append({
+        "id": next(app.request_ids), "at": _iso(time.time()), "method": method, "path": path,
+        "query": environ.get("QUERY_STRING", ""), "status": answer.get("status"),
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        "user_id": session and session.user_id, "body": _logged_body(environ)})
+    return out
+
+
+FAULT_KEYS = {"method", "path", "status", "delay_ms", "drop", "times", "rate"}
+
+
+def _fault_rules(body):
+    """The rules of a PUT /__faults body, checked: missing_field or invalid_field naming the one at fault."""
+    rules = body.get("faults")
+    if rules is None:
+        raise _missing("faults")
+    if not isinstance(rules, list):
+        raise _invalid("faults", "'faults' must be a list of rules.")
+    checked = []
+    for n, rule in enumerate(rules):
+        where = f"faults[{n}]"
+        if not isinstance(rule, dict):
+            raise _invalid(where, "A rule is an object.")
+        for key in rule:
+            if key not in FAULT_KEYS:
+                raise _invalid(f"{where}.{key}", f"'{key}' is not a key of a fault rule.")
+        if rule.get("path") is None:
+            raise _missing(f"{where}.path")
+        kept = {key: value for key, value in rule.items() if value is not None}
+        checks = {"method": lambda v: isinstance(v, str) and v.isupper(),
+                  "path": lambda v: isinstance(v, str) and v.startswith("/"),
+                  "status": lambda v: type(v) is int and 400 <= v <= 599,
+                  "delay_ms": lambda v: type(v) is int and 0 <= v <= 60000,
+                  "drop": lambda v: isinstance(v, bool),
+                  "times": lambda v: type(v) is int and v >= 1,
+                  "rate": lambda v: type(v) in (int, float) and 0 <= v <= 1}
+        for key, value in kept.items():
+            if not checks[key](value):
+                raise _invalid(f"{where}.{key}", f"'{key}' has a value a rule cannot have.")
+        if not (kept.get("status") or "delay_ms" in kept or kept.get("drop")):
+            raise _invalid(where, "A rule needs a 'status', a 'delay_ms' or 'drop': true.")
+        # * stands for one path segment; everything else is literal.
+        kept["pattern"] = re.compile("[^/]*".join(re.escape(part) for part in kept["path"].split("*")))
+        checked.append(kept)
+    return checked
+
+
+def _shown_rules(app):
+    return {"faults": [{key: value for key, value in rule.items() if key != "pattern"}
+                       for rule in app.faults]}
+
+
+def get_faults(app):
+    """The fault rules in force (test route)."""
+    with app.faults_lock:
+        return _shown_rules(app)
+
+
+def put_faults(app):
+    """Replace the fault rules in force (test route)."""
+    rules = _fault_rules(_json_body())
+    with app.faults_lock:
+        app.faults = rules
+        shown = _shown_rules(app)
+    if any(rule.get("drop") and rule["pattern"].fullmatch("/updates/stream") for rule in rules):
+        app.feed.end_streams()
+    return shown
+
+
+def list_requests(app):
+    """The latest requests the server answered, oldest first (test route)."""
+    limit = _query_int("limit", REQUEST_LOG_LIMIT)
+    return {"requests": list(app.requests_log)[-limit:]}
+
+
+def clear_requests(app):
+    """Empty the request log (test route)."""
+    app.requests_log.clear()
+    return {}
+
+
+def _install_test_routes(app, everything):
+    """Add POST /__reset, and with `everything` the request log and the fault rules."""
+    public = Contract(public=True)
+    app.route("/__reset", "POST", reset_database, contract=public)
+    if not everything:
+        return
+    app.requests_log = collections.deque(maxlen=MAX_LOGGED_REQUESTS)
+    app.request_ids = itertools.count(1)
+    app.faults, app.faults_lock = [], threading.Lock()
+    app.route("/__requests", "GET", list_requests, contract=public)
+    app.route("/__requests", "DELETE", clear_requests, contract=public)
+    app.route("/__faults", "GET", get_faults, contract=public)
+    app.route("/__faults", "PUT", put_faults, contract=public)
+    app.wsgi = functools.partial(_observed, app, app.wsgi)
+
+
+# ---------------------------------------------------------------------------
 # The application
 # ---------------------------------------------------------------------------
 
@@ -3004,22 +3408,6 @@ def _prefers_json():
                     q = 0.0
         quality[media.lower()] = max(q, quality.get(media.lower(), 0.0))
     return quality.get("application/json", 0.0) > quality.get("text/html", 0.0)
-
-
-def reset_database(app, db):
-    """Empty every table and end every session; with demo data, seed it again (--allow-reset)."""
-    with db.transaction() as conn:
-        # Deleting the users cascades to everything that belongs to them; groups,
-        # the search words and the login failures belong to no one.
-        conn.execute("DELETE FROM updates")
-        conn.execute("DELETE FROM users")  # with no rows left, ids start at 1 again
-        conn.execute("DELETE FROM chats")
-        conn.execute("DELETE FROM messages_search")
-        conn.execute("DELETE FROM login_failures")
-        conn.execute("DELETE FROM sqlite_sequence")  # message ids too
-    if app.options.demo:
-        seed_demo(app)
-    return {}
 
 
 def _route_path(rule):
@@ -3069,6 +3457,8 @@ def openapi_document(app, server_url):
     """The OpenAPI 3.1 description of an app's routes, built from their contracts."""
     paths, names = {}, collections.Counter(r.callback.__name__ for r in app.routes)
     for r in app.routes:
+        if r.rule.startswith("/__"):
+            continue  # the test routes are not the API a client is written against
         contract = r.config.get("contract") or Contract()
         name = r.callback.__name__
         operation_id = name if names[name] == 1 else name + re.sub(r"\W+", "_", r.rule)
@@ -3151,10 +3541,27 @@ def make_app(db=DEFAULT_DB, **options):
     app.add_hook("after_request", functools.partial(_add_cors_headers, app))
     for method, path, handler, contract in ROUTES:
         app.route(path, method, handler, contract=contract)
-    if options.allow_reset:
-        app.route("/__reset", "POST", reset_database, contract=Contract(public=True))
-    app.demo_seeded = options.demo and seed_demo(app)
+    if options.allow_reset or options.test_routes:
+        _install_test_routes(app, everything=options.test_routes)
+    app.password_hashes = {}  # fixtures' passwords, hashed once
+    app.fixtures = _app_fixtures(options)
+    try:
+        app.demo_seeded = app.fixtures is not None and seed(app)
+    except BaseException:
+        app.db.close()
+        raise
     return app
+
+
+def _app_fixtures(options):
+    """(fixtures, the directory their file paths start from) for the options, or None."""
+    if options.demo:
+        return demo_fixtures(), None
+    if isinstance(options.fixtures, dict):
+        return options.fixtures, os.getcwd()
+    if options.fixtures is not None:
+        return _read_fixtures(options.fixtures), os.path.dirname(os.path.abspath(options.fixtures))
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -3458,20 +3865,25 @@ def main(argv=None):
         return 1
     try:
         app = _open_app(args.db, options)
+    except FixturesError as exc:
+        sock.close()
+        if options.get("demo") and not exc.path:
+            print(f"messenger: {args.db} already has users of its own, so --demo adds none and its"
+                  " logins would fail; give the demo a database of its own: messenger --demo --db demo.db",
+                  file=sys.stderr)
+        else:
+            print(f"messenger: {options.get('fixtures', '--demo')}: {exc}", file=sys.stderr)
+        return 1
     except (sqlite3.Error, OSError) as exc:
         sock.close()
         print(f"messenger: cannot open the database {args.db!r}: {exc}", file=sys.stderr)
         return 1
-    if app.options.demo and not app.demo_seeded and not _has_demo_logins(app):
-        sock.close()
-        app.db.close()
-        print(f"messenger: {args.db} already has users of its own, so --demo adds none and its"
-              " logins would fail; give the demo a database of its own: messenger --demo --db demo.db",
-              file=sys.stderr)
-        return 1
     if app.options.demo:
         print("demo data added:" if app.demo_seeded else "the demo data is already there:",
-              ", ".join(user[0] for user in DEMO_USERS), f"(password: {DEMO_PASSWORD})")
+              ", ".join(user["email"] for user in app.fixtures[0]["users"]), f"(password: {DEMO_PASSWORD})")
+    elif app.fixtures:
+        print(("fixtures loaded from " if app.demo_seeded else "the fixtures are already there, from ")
+              + app.options.fixtures)
     # Only a start that will serve touches the process: its cores and its logging.
     _use_one_core()
     logging.basicConfig(level=logging.WARNING if app.options.quiet else logging.INFO,
