@@ -907,6 +907,8 @@ ERROR_STATUS = {
     "forbidden": 403, "not_found": 404, "method_not_allowed": 405, "payload_too_large": 413,
     "range_not_satisfiable": 416, "too_many_attempts": 429,
     "internal_error": 500, "unavailable": 503,
+    # the test routes' (not in the API description): a bad reset body, and a fault rule's answer (any status)
+    "invalid_fixtures": 400, "injected_fault": 500,
 }
 
 
@@ -3248,7 +3250,7 @@ def _fault_for(app, method, path):
         for rule in app.faults:
             if rule.get("method", method) != method or not rule["pattern"].fullmatch(path):
                 continue
-            if rule.get("times") == 0 or random.random() >= rule.get("rate", 1):
+            if rule.get("times") == 0 or ("rate" in rule and random.random() >= rule["rate"]):
                 continue  # used up, or passed over this time: the next rules are tried
             if "times" in rule:
                 rule["times"] -= 1
@@ -3353,7 +3355,7 @@ def put_faults(app):
     """Replace the fault rules in force (test route)."""
     rules = _fault_rules(_json_body())
     with app.faults_lock:
-        app.faults = rules
+        app.faults[:] = rules
         shown = _shown_rules(app)
     if any(rule.get("drop") and rule["pattern"].fullmatch("/updates/stream") for rule in rules):
         app.feed.end_streams()
@@ -3732,6 +3734,14 @@ class Server:
     def _close_app(self):
         if self._owns_app:
             self.app.db.close()
+
+    def reset(self, fixtures=None):
+        """Do what POST /__reset does, without the flag: empty the database and load these fixtures
+        (a path or a dict), or the server's own; FixturesError, and nothing changed, if they are wrong."""
+        if isinstance(fixtures, str):
+            reset(self.app, _read_fixtures(fixtures), os.path.dirname(os.path.abspath(fixtures)))
+        else:
+            reset(self.app, fixtures, os.getcwd())
 
     def stop(self):
         """Close every socket, wait for the threads, and close the database if it is ours."""

@@ -4127,6 +4127,319 @@ def test_delay_skips_preflights(make_app):
     assert time.monotonic() - started < 4
 
 
+# Fixtures (contract 7)
+
+PNG_HEADER = png_header(3, 2)
+FIXTURES = {
+    "users": [{"email": "ann@example.com", "password": "ann-password", "name": "Ann"},
+              {"email": "bob@example.com", "password": "bob-password", "username": "bob"},
+              {"email": "cat@example.com", "password": "cat-password"}],
+    "chats": [{"members": ["ann@example.com", "bob@example.com"],
+               "messages": [{"from": "ann@example.com", "text": "Hi!", "minutes_ago": 50},
+                            {"from": "bob@example.com", "text": "Look",
+                             "files": [{"name": "cat.png", "base64": base64.b64encode(PNG_HEADER).decode()}],
+                             "reply_to": 0, "reactions": {"👍": ["ann@example.com"]}}]},
+              {"name": "Trip", "members": ["bob@example.com", "ann@example.com", "cat@example.com"],
+               "read": {"ann@example.com": 0},
+               "messages": [{"from": "bob@example.com", "text": "Tickets are booked", "edited": True}]}]}
+
+
+def fixture_client(app, email="ann@example.com", password="ann-password"):
+    client = CheckedApp(app)
+    client.post_json("/login", {"email": email, "password": password})
+    return client
+
+
+def test_fixtures_fill_users_chats_and_messages(make_app):
+    app = make_app(fixtures=FIXTURES)
+    assert app.demo_seeded
+    ann = fixture_client(app)
+    assert ann.get("/users").json["name"] == "Ann"
+    chats = ann.get("/chats").json["chats"]
+    assert [(c["type"], c["name"], c["unread_count"]) for c in chats] == [("group", "Trip", 1),
+                                                                           ("dialog", "bob", 1)]
+    dialog = ann.get(f"/chats/{chats[1]['id']}/messages").json["messages"]
+    assert [m["text"] for m in dialog] == ["Hi!", "Look"]
+    assert dialog[1]["reply_to_id"] == dialog[0]["id"] and dialog[1]["reactions"] == {"👍": [1]}
+    assert (dialog[1]["files"][0]["name"], dialog[1]["files"][0]["width"]) == ("cat.png", 3)
+    assert ann.get(dialog[1]["files"][0]["url"]).body == PNG_HEADER
+    (trip,) = ann.get(f"/chats/{chats[0]['id']}/messages").json["messages"]
+    assert trip["edited_at"] is not None and chats[0]["owner_id"] == 2
+
+
+def test_fixtures_times_and_ids_follow_each_other(make_app):
+    app = make_app(fixtures=FIXTURES)
+    rows = query(app, "SELECT id, created_at FROM messages ORDER BY id")
+    assert [created for _, created in rows] == sorted(created for _, created in rows)
+    texts = [("Hi!",), ("Look",), ("Tickets are booked",)]
+    assert query(app, "SELECT text FROM messages ORDER BY id") == texts
+
+
+def test_fixtures_username_made_from_the_email(make_app):
+    app = make_app(fixtures=FIXTURES)
+    assert query(app, "SELECT username FROM users ORDER BY id") == [("ann",), ("bob",), ("cat",)]
+
+
+def test_fixtures_files_by_path_beside_the_file(make_app, tmp_path):
+    (tmp_path / "cat.png").write_bytes(PNG_HEADER)
+    fixtures = json.loads(json.dumps(FIXTURES))
+    fixtures["chats"][0]["messages"][1]["files"] = ["cat.png"]
+    (tmp_path / "fixtures.json").write_text(json.dumps(fixtures))
+    app = make_app(fixtures=str(tmp_path / "fixtures.json"))
+    assert query(app, "SELECT name, width FROM files") == [("cat.png", 3)]
+
+
+def broken(path, value):
+    """FIXTURES with the entry at `path` (a list of keys) set to `value` (DELETE: removed)."""
+    fixtures = json.loads(json.dumps(FIXTURES))
+    *parents, last = path
+    entry = fixtures
+    for key in parents:
+        entry = entry[key]
+    if value is DELETE:
+        del entry[last]
+    else:
+        entry[last] = value
+    return fixtures
+
+
+DELETE = object()
+BAD_FIXTURES = [
+    (["users", 0, "emial"], "x", "users[0].emial"),
+    (["users", 1, "email"], "ann@example.com", "users[1].email"),
+    (["users", 0, "password"], "short", "users[0].password"),
+    (["users", 0, "email"], DELETE, "users[0].email"),
+    (["chats", 0, "members", 1], "dan@example.com", "chats[0].members[1]"),
+    (["chats", 0, "members"], ["ann@example.com"], "chats[0].members"),
+    (["chats", 1, "name"], " ", "chats[1].name"),
+    (["chats", 1, "messages", 0, "from"], "dan@example.com", "chats[1].messages[0].from"),
+    (["chats", 0, "messages", 0, "from"], "cat@example.com", "chats[0].messages[0].from"),
+    (["chats", 0, "messages", 1, "reply_to"], 1, "chats[0].messages[1].reply_to"),
+    (["chats", 0, "messages", 1, "reactions"], {"👍": ["cat@example.com"]},
+     "chats[0].messages[1].reactions.👍[0]"),
+    (["chats", 0, "messages", 0, "text"], "", "chats[0].messages[0].text"),
+    (["chats", 0, "messages", 1, "files"], [{"name": "x", "base64": "!!"}],
+     "chats[0].messages[1].files[0].base64"),
+    (["chats", 0, "messages", 1, "files"], ["cat.png"], "chats[0].messages[1].files[0]"),
+    (["chats", 0, "messages", 0, "minutes_ago"], -1, "chats[0].messages[0].minutes_ago"),
+    (["chats", 1, "read"], {"ann@example.com": 5}, "chats[1].read.ann@example.com"),
+    (["chats", 1, "colour"], "red", "chats[1].colour"),
+]
+
+
+@pytest.mark.parametrize("path, value, at", BAD_FIXTURES, ids=[at for *_, at in BAD_FIXTURES])
+def test_fixtures_error_names_its_entry_and_writes_nothing(tmp_path, path, value, at):
+    db = tmp_path / "f.db"
+    with pytest.raises(messenger.FixturesError) as caught:
+        messenger.make_app(str(db), password_iterations=ITERATIONS, fixtures=broken(path, value))
+    assert caught.value.path == at
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM users").fetchone() == (0,)
+
+
+def test_fixtures_restart_on_the_database_they_filled(make_app, tmp_path):
+    make_app(str(tmp_path / "f.db"), fixtures=FIXTURES).db.close()
+    again = make_app(str(tmp_path / "f.db"), fixtures=FIXTURES)
+    assert not again.demo_seeded and len(query(again, "SELECT * FROM messages")) == 3
+
+
+def test_fixtures_not_with_demo(make_app):
+    with pytest.raises(ValueError, match="do not go together"):
+        make_app(fixtures=FIXTURES, demo=True)
+
+
+def test_cli_bad_fixtures_file_is_one_line(capsys, tmp_path):
+    path = tmp_path / "fixtures.json"
+    path.write_text(json.dumps(broken(["chats", 1, "messages", 0, "from"], "dan@example.com")))
+    result = run_main(capsys, "--fixtures", str(path), "--db", str(tmp_path / "f.db"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"messenger: {path}: chats[1].messages[0].from: ")
+    assert "not a member" in result.stderr
+
+
+def test_demo_is_fixtures_the_readme_shows(make_app):
+    with open(os.path.join(os.path.dirname(messenger.__file__), "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    shown = json.loads(re.search(r"<!-- demo fixtures -->\n```json\n(.*?)```", readme, re.S)[1])
+    assert shown == messenger.demo_fixtures()
+
+
+# Test routes (contract 7): reset, the request log, faults
+
+
+@pytest.fixture
+def test_app(make_app):
+    return make_app(test_routes=True, fixtures=FIXTURES)
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/__reset"), ("GET", "/__requests"), ("GET", "/__faults")])
+def test_test_routes_do_not_exist_without_the_flag(api, method, path):
+    assert error(api.request(path, method=method, status=404)) == ("not_found", None)
+
+
+def test_allow_reset_enables_only_reset(make_app):
+    client = CheckedApp(make_app(allow_reset=True))
+    assert client.post("/__reset").json == {}
+    assert error(client.get("/__requests", status=404)) == ("not_found", None)
+
+
+def test_reset_loads_the_fixtures_in_the_body(test_app):
+    ann = fixture_client(test_app)
+    body = {"users": [{"email": "zed@example.com", "password": "zed-password"}]}
+    assert CheckedApp(test_app).post_json("/__reset", body).json == {}
+    assert error(ann.get("/users", status=401)) == ("not_authorized", None)
+    assert query(test_app, "SELECT id, email FROM users") == [(1, "zed@example.com")]
+
+
+def test_reset_with_bad_fixtures_changes_nothing(test_app):
+    ann = fixture_client(test_app)
+    fixtures = broken(["chats", 0, "members", 1], "x@y.z")
+    response = CheckedApp(test_app).post_json("/__reset", fixtures, status=400)
+    assert error(response) == ("invalid_fixtures", "chats[0].members[1]")
+    assert ann.get("/users").json["email"] == "ann@example.com"
+
+
+def test_reset_body_files_are_inline_only(test_app):
+    fixtures = broken(["chats", 0, "messages", 1, "files"], ["cat.png"])
+    response = CheckedApp(test_app).post_json("/__reset", fixtures, status=400)
+    assert error(response) == ("invalid_fixtures", "chats[0].messages[1].files[0]")
+
+
+def test_reset_without_a_body_loads_the_servers_fixtures_again(test_app):
+    ann = fixture_client(test_app)
+    send(ann, 1, "extra")
+    CheckedApp(test_app).post("/__reset")
+    assert len(query(test_app, "SELECT * FROM messages")) == 3
+
+
+def test_requests_log_what_was_answered(test_app):
+    ann = fixture_client(test_app)
+    send(ann, 1, "logged")
+    ann.get("/chats", params={"limit": "x"}, status=200)
+    logged = CheckedApp(test_app).get("/__requests").json["requests"]
+    assert [(r["method"], r["path"], r["status"]) for r in logged] == [
+        ("POST", "/login", 200), ("POST", "/chats/1/messages", 200), ("GET", "/chats", 200)]
+    login, sent, listed = logged
+    assert (login["user_id"], login["body"]) == (None, {"email": "ann@example.com", "password": "***"})
+    assert (sent["user_id"], sent["body"], listed["query"]) == (1, {"text": "logged"}, "limit=x")
+    assert [r["id"] for r in logged] == sorted(r["id"] for r in logged) and sent["duration_ms"] >= 0
+
+
+def test_requests_mask_every_password_also_nested(test_app):
+    CheckedApp(test_app).post_json("/users", {"email": "x@y.z", "password": "secret-one",
+                                               "nested": [{"password": "secret-two"}]})
+    (logged,) = CheckedApp(test_app).get("/__requests").json["requests"]
+    assert logged["body"]["nested"] == [{"password": "***"}] and "secret" not in json.dumps(logged)
+
+
+def test_requests_keep_the_latest_thousand_and_clear(test_app):
+    client = CheckedApp(test_app)
+    for _ in range(1005):
+        client.get("/")
+    logged = client.get("/__requests", params={"limit": 1000}).json["requests"]
+    assert len(logged) == 1000 and logged[-1]["id"] == 1005
+    assert len(client.get("/__requests").json["requests"]) == 100
+    assert client.delete("/__requests").json == {}
+    assert client.get("/__requests").json["requests"] == []
+
+
+def faults(client, *rules, status=200):
+    return client.put_json("/__faults", {"faults": list(rules)}, status=status)
+
+
+def test_fault_status_answers_without_running_the_route(test_app):
+    ann = fixture_client(test_app)
+    faults(CheckedApp(test_app), {"method": "POST", "path": "/chats/*/messages", "status": 503})
+    response = ann.post_json("/chats/1/messages", {"text": "lost"}, status=503,
+                             headers={"Origin": "http://localhost:3000"})
+    assert error(response) == ("injected_fault", None) and response.headers["Retry-After"] == "1"
+    assert response.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert query(test_app, "SELECT count(*) FROM messages WHERE text = 'lost'") == [(0,)]
+    assert ann.get("/chats/1/messages").status_int == 200  # another method
+
+
+def test_fault_star_is_one_segment(test_app):
+    ann = fixture_client(test_app)
+    faults(CheckedApp(test_app), {"path": "/chats/*", "status": 500})
+    assert ann.get("/chats/1", status=500).json["error"] == "injected_fault"
+    assert ann.get("/chats/1/messages").status_int == 200
+
+
+def test_fault_times_are_used_up(test_app):
+    ann, admin = fixture_client(test_app), CheckedApp(test_app)
+    faults(admin, {"path": "/users", "status": 502, "times": 2})
+    assert [ann.get("/users", status="*").status_int for _ in range(3)] == [502, 502, 200]
+    assert admin.get("/__faults").json == {"faults": [{"path": "/users", "status": 502, "times": 0}]}
+
+
+def test_fault_rate_applies_to_a_share(test_app, monkeypatch):
+    ann = fixture_client(test_app)
+    faults(CheckedApp(test_app), {"path": "/users", "status": 500, "rate": 0.5},
+           {"path": "/users", "status": 418})
+    draws = iter([0.1, 0.9])
+    monkeypatch.setattr(messenger.random, "random", lambda: next(draws))
+    assert [ann.get("/users", status="*").status_int for _ in range(2)] == [500, 418]
+
+
+def test_fault_delay_then_the_route_runs(test_app):
+    ann = fixture_client(test_app)
+    faults(CheckedApp(test_app), {"path": "/users", "delay_ms": 200})
+    started = time.monotonic()
+    assert ann.get("/users").json["email"] == "ann@example.com"
+    assert time.monotonic() - started >= 0.2
+
+
+@pytest.mark.parametrize("rule, mnemonic, field", [
+    ({}, "missing_field", "faults[0].path"),
+    ({"path": "/users"}, "invalid_field", "faults[0]"),
+    ({"path": "/users", "status": 200}, "invalid_field", "faults[0].status"),
+    ({"path": "/users", "status": 500, "rate": 2}, "invalid_field", "faults[0].rate"),
+    ({"path": "/users", "status": 500, "times": 0}, "invalid_field", "faults[0].times"),
+    ({"path": "/users", "delay_ms": 60001}, "invalid_field", "faults[0].delay_ms"),
+    ({"path": "/users", "drop": "yes"}, "invalid_field", "faults[0].drop"),
+    ({"path": "/users", "status": 500, "colour": "red"}, "invalid_field", "faults[0].colour"),
+])
+def test_fault_bad_rule_keeps_the_rules_in_force(test_app, rule, mnemonic, field):
+    admin = CheckedApp(test_app)
+    faults(admin, {"path": "/users", "status": 500})
+    assert error(faults(admin, {"path": "/chats", "status": 500}, rule, status=400)) == (
+        mnemonic, field.replace("[0]", "[1]"))
+    assert admin.get("/__faults").json == {"faults": [{"path": "/users", "status": 500}]}
+
+
+def test_server_fault_drop_breaks_the_connection(tmp_path):
+    with Process("--db", str(tmp_path / "d.db"), "--test-routes") as process:
+        call(process.url + "/__faults", "PUT", {"faults": [{"path": "/users", "drop": True, "times": 1}]})
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError, urllib.error.URLError)):
+            urllib.request.urlopen(process.url + "/users", timeout=10)
+        assert call(process.url + "/users")[0] == 401  # used up
+        assert process.stop() == 0
+
+
+def test_server_drop_rule_ends_an_open_stream(tmp_path):
+    with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True,
+                          test_routes=True) as server:
+        _, cookie = login_at(server.url, "ann@example.com")
+        ended = {}
+        reader = threading.Thread(target=lambda: ended.update(text=read_stream(server, cookie)[1]))
+        reader.start()
+        assert wait_until(lambda: server.app.feed.waiting == 1)
+        started = time.monotonic()
+        call(server.url + "/__faults", "PUT", {"faults": [{"path": "/updates/stream", "drop": True}]})
+        reader.join()
+        assert time.monotonic() - started < 2 and ended["text"].startswith("retry:")
+
+
+def test_server_reset_is_the_reset_route_in_python(tmp_path):
+    with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True,
+                          fixtures=FIXTURES) as server:
+        _, cookie = login_at(server.url, "new@example.com")
+        server.reset()
+        assert call(server.url + "/users", cookie=cookie)[0] == 401
+        assert len(query(server.app, "SELECT * FROM users")) == 3
+        server.reset({"users": [{"email": "solo@example.com", "password": "solo-password"}]})
+        assert query(server.app, "SELECT email FROM users") == [("solo@example.com",)]
+
+
 @pytest.mark.parametrize("value, expected", [(0, (0, 0)), ("250", (250, 250)),
                                              ("100-300", (100, 300)), (" 5 - 5 ", (5, 5)),
                                              ((1, 2), (1, 2))])
