@@ -4673,6 +4673,48 @@ def test_browser_uploads_a_picture_sends_it_and_shows_it(tmp_path):
     assert (too_large, answer["error"]) == (413, "payload_too_large")
 
 
+E2E_PAGE = """<!doctype html>
+<html><body><pre id="result">running</pre><script>
+const API = "%(api)s";
+const call = (method, path, body) => fetch(API + path, {method, credentials: "include",
+                                                         body: body && JSON.stringify(body)});
+(async () => {
+  const log = [];
+  try {
+    // The suite's fixture: a fresh server state of its own.
+    log.push((await call("POST", "/__reset", %(fixtures)s)).status);
+    log.push((await call("POST", "/login", {email: "ann@example.com", password: "ann-password"})).status);
+    const rule = {method: "POST", path: "/chats/*/messages", status: 503, times: 1};
+    await call("PUT", "/__faults", {faults: [rule]});
+    // The client under test: a send that meets a 503 and retries after Retry-After.
+    let response = await call("POST", "/chats/1/messages", {text: "hello", client_id: "e2e-1"});
+    log.push([response.status, response.headers.get("Retry-After"), (await response.json()).error]);
+    response = await call("POST", "/chats/1/messages", {text: "hello", client_id: "e2e-1"});
+    log.push([response.status, (await response.json()).text]);
+    // The assertion: what the client really sent.
+    const {requests} = await (await call("GET", "/__requests")).json();
+    log.push(requests.filter(r => r.path === "/chats/1/messages").map(r => [r.status, r.body]));
+    document.getElementById("result").textContent = JSON.stringify(log);
+  } catch (exc) {
+    document.getElementById("result").textContent = "ERROR " + exc;
+  }
+})();
+</script></body></html>
+"""
+
+
+@pytest.mark.skipif(not find_chromium(), reason="needs Chromium (Debian's chromium package)")
+def test_browser_resets_meets_a_fault_retries_and_reads_its_requests(tmp_path):
+    with Process("--db", str(tmp_path / "e2e.db"), "--test-routes") as process:
+        page = E2E_PAGE % {"api": process.url, "fixtures": json.dumps(FIXTURES)}
+        log = run_page(page.encode(), tmp_path)
+        assert process.stop() == 0
+    assert log[:2] == [200, 200]
+    assert log[2] == [503, "1", "injected_fault"] and log[3] == [200, "hello"]
+    body = {"text": "hello", "client_id": "e2e-1"}
+    assert log[4] == [[503, body], [200, body]]
+
+
 # ---------------------------------------------------------------------------
 # Under attack: hostile input, access control, crashes
 # ---------------------------------------------------------------------------
