@@ -539,9 +539,9 @@ def _header(name, default=""):
     return bottle.request.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
 
 
-def _cors_origin(allowed, origin=None):
+def _cors_origin(allowed):
     """The request's Origin if it is local or `allowed` to call the API with credentials, else None."""
-    origin = origin or bottle.request.environ.get("HTTP_ORIGIN")
+    origin = bottle.request.environ.get("HTTP_ORIGIN")
     if origin and (LOCAL_ORIGIN.fullmatch(origin) or origin in allowed or "*" in allowed):
         return origin
     return None
@@ -3265,6 +3265,7 @@ def _observed(app, wsgi, environ, start_response):
     if path.startswith("/__") or method == "OPTIONS":
         return wsgi(environ, start_response)
     started = time.perf_counter()
+    bottle.request.bind(environ)  # for what follows when no route runs: CORS, the session, the body
     rule = _fault_for(app, method, path)
     answer = {}
 
@@ -3281,7 +3282,7 @@ def _observed(app, wsgi, environ, start_response):
         status = rule["status"]
         headers = [("Content-Type", JSON_TYPE), ("Vary", "Origin")]
         headers += [("Retry-After", "1")] if status == 503 else []
-        origin = _cors_origin(app.options.cors_origins, environ.get("HTTP_ORIGIN"))
+        origin = _cors_origin(app.options.cors_origins)
         if origin:  # so that a browser client can read the fault, as any error
             headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Allow-Credentials", "true"),
                         ("Access-Control-Expose-Headers", "Retry-After, ETag")]
@@ -3289,7 +3290,6 @@ def _observed(app, wsgi, environ, start_response):
         out = [_error_body("injected_fault", f"A fault rule of PUT /__faults answered {status}.").encode()]
     else:
         out = wsgi(environ, start)
-    bottle.request.bind(environ)  # again, when no route ran: for the session and the body
     session = None
     with contextlib.suppress(bottle.HTTPResponse):
         session = _session(app.db)

@@ -4408,11 +4408,17 @@ def test_fault_bad_rule_keeps_the_rules_in_force(test_app, rule, mnemonic, field
 
 def test_server_fault_drop_breaks_the_connection(tmp_path):
     with Process("--db", str(tmp_path / "d.db"), "--test-routes") as process:
-        call(process.url + "/__faults", "PUT", {"faults": [{"path": "/users", "drop": True, "times": 1}]})
+        call(process.url + "/__faults", "PUT", {"faults": [{"path": "/users", "drop": True, "times": 1},
+                                                           {"path": "/users", "status": 502, "times": 1}]})
         with pytest.raises((http.client.RemoteDisconnected, ConnectionError, urllib.error.URLError)):
             urllib.request.urlopen(process.url + "/users", timeout=10)
-        assert call(process.url + "/users")[0] == 401  # used up
+        injected = {"error": "injected_fault", "message": "A fault rule of PUT /__faults answered 502."}
+        assert call(process.url + "/users")[:2] == (502, injected)
+        assert call(process.url + "/users")[0] == 401  # both used up
+        # The log holds what was answered: not the dropped request.
+        assert [r["status"] for r in call(process.url + "/__requests")[1]["requests"]] == [502, 401]
         assert process.stop() == 0
+    assert not [line for line in process.log if "Traceback" in line or "Error" in line]
 
 
 def test_server_drop_rule_ends_an_open_stream(tmp_path):
