@@ -4435,6 +4435,32 @@ def test_server_drop_rule_ends_an_open_stream(tmp_path):
         assert time.monotonic() - started < 2 and ended["text"].startswith("retry:")
 
 
+def test_server_reset_ends_open_streams(tmp_path):
+    with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True,
+                          test_routes=True) as server:
+        _, cookie = login_at(server.url, "ann@example.com")
+        ended = {}
+        reader = threading.Thread(target=lambda: ended.update(text=read_stream(server, cookie)[1]))
+        reader.start()
+        assert wait_until(lambda: server.app.feed.waiting == 1)
+        started = time.monotonic()
+        assert call(server.url + "/__reset", "POST")[0] == 200
+        reader.join()
+        assert time.monotonic() - started < 1
+
+
+def test_cli_fixtures_fill_the_database_and_start_as_they_are_again(tmp_path):
+    (tmp_path / "fixtures.json").write_text(json.dumps(FIXTURES))
+    db = str(tmp_path / "f.db")
+    for _ in range(2):
+        with Process("--db", db, "--fixtures", str(tmp_path / "fixtures.json")) as process:
+            status, user, _ = call(process.url + "/login", "POST",
+                                   {"email": "bob@example.com", "password": "bob-password"})
+            assert (status, user["username"]) == (200, "bob")
+            assert process.stop() == 0
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM messages").fetchone() == (3,)
+
+
 def test_server_reset_is_the_reset_route_in_python(tmp_path):
     with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True,
                           fixtures=FIXTURES) as server:
