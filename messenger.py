@@ -3246,7 +3246,7 @@ def _logged_body(environ):
 
 def _fault_for(app, method, path):
     """The first rule in force that matches a request and applies now (its use counted), or None."""
-    with app.faults_lock:
+    with app.test_lock:
         for rule in app.faults:
             if rule.get("method", method) != method or not rule["pattern"].fullmatch(path):
                 continue
@@ -3293,11 +3293,14 @@ def _observed(app, wsgi, environ, start_response):
     session = None
     with contextlib.suppress(bottle.HTTPResponse):
         session = _session(app.db)
-    app.requests_log.append({
-        "id": next(app.request_ids), "at": _iso(time.time()), "method": method, "path": path,
+    entry = {
+        "id": None, "at": _iso(time.time()), "method": method, "path": path,
         "query": environ.get("QUERY_STRING", ""), "status": answer.get("status"),
         "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-        "user_id": session and session.user_id, "body": _logged_body(environ)})
+        "user_id": session and session.user_id, "body": _logged_body(environ)}
+    with app.test_lock:  # ids in the log's order; and a deque may not grow while it is copied
+        entry["id"] = next(app.request_ids)
+        app.requests_log.append(entry)
     return out
 
 
@@ -3347,14 +3350,14 @@ def _shown_rules(app):
 
 def get_faults(app):
     """The fault rules in force (test route)."""
-    with app.faults_lock:
+    with app.test_lock:
         return _shown_rules(app)
 
 
 def put_faults(app):
     """Replace the fault rules in force (test route)."""
     rules = _fault_rules(_json_body())
-    with app.faults_lock:
+    with app.test_lock:
         app.faults[:] = rules
         shown = _shown_rules(app)
     if any(rule.get("drop") and rule["pattern"].fullmatch("/updates/stream") for rule in rules):
@@ -3365,12 +3368,14 @@ def put_faults(app):
 def list_requests(app):
     """The latest requests the server answered, oldest first (test route)."""
     limit = _query_int("limit", REQUEST_LOG_LIMIT)
-    return {"requests": list(app.requests_log)[-limit:]}
+    with app.test_lock:
+        return {"requests": list(app.requests_log)[-limit:]}
 
 
 def clear_requests(app):
     """Empty the request log (test route)."""
-    app.requests_log.clear()
+    with app.test_lock:
+        app.requests_log.clear()
     return {}
 
 
@@ -3382,7 +3387,7 @@ def _install_test_routes(app, everything):
         return
     app.requests_log = collections.deque(maxlen=MAX_LOGGED_REQUESTS)
     app.request_ids = itertools.count(1)
-    app.faults, app.faults_lock = [], threading.Lock()
+    app.faults, app.test_lock = [], threading.Lock()  # the rules, and the log too
     app.route("/__requests", "GET", list_requests, contract=public)
     app.route("/__requests", "DELETE", clear_requests, contract=public)
     app.route("/__faults", "GET", get_faults, contract=public)
