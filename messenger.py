@@ -3048,12 +3048,12 @@ def load_fixtures(app, conn, fixtures, base=None):
             low, high = sorted(members)
             if _exists(conn, "SELECT 1 FROM chats WHERE user_low = ? AND user_high = ?", (low, high)):
                 raise FixturesError(f"{path}.members", "these two have a dialog already")
-            chat_id = _insert_demo_chat(conn, None, members, "")
+            chat_id = _insert_chat(conn, None, members, "")
         else:
             name = _checked(path, _visible_text, chat, "name", MAX_CHAT_NAME_CHARS)
             if not 1 <= len(members) <= MAX_GROUP_MEMBERS:
                 raise FixturesError(f"{path}.members", f"a group has 1 to {MAX_GROUP_MEMBERS} members")
-            chat_id = _insert_demo_chat(conn, name, members, "")
+            chat_id = _insert_chat(conn, name, members, "")
         chats.append((chat_id, members, path, chat))
         entries = _entries(chat.get("messages"), f"{path}.messages")
         for m, message in enumerate(entries):
@@ -3165,7 +3165,7 @@ def seed(app):
     return True
 
 
-def _insert_demo_chat(conn, name, members, created_at):
+def _insert_chat(conn, name, members, created_at):
     """A demo dialog (no name) or group (its first member the owner), its members in; its id."""
     if name is None:
         low, high = sorted(members)

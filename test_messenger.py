@@ -1948,7 +1948,7 @@ def many_messages(tmp_path_factory):
         for n in range(3):
             messenger._insert_user(conn, f"u{n}@example.com", f"u{n}", "x")
         for low, high in ((1, 2), (1, 3), (2, 3)):
-            chat_id = messenger._insert_demo_chat(conn, None, [low, high], "t")
+            chat_id = messenger._insert_chat(conn, None, [low, high], "t")
             for text in SEARCH_TEXTS:
                 messenger._insert_message(conn, chat_id, low, text, "t")
     messenger.index_messages(app.db, 1)
@@ -4459,6 +4459,16 @@ def test_cli_fixtures_fill_the_database_and_start_as_they_are_again(tmp_path):
             assert (status, user["username"]) == (200, "bob")
             assert process.stop() == 0
     assert sqlite3.connect(db).execute("SELECT count(*) FROM messages").fetchone() == (3,)
+
+
+def test_server_request_log_under_many_threads(tmp_path):
+    with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True,
+                          test_routes=True) as server:
+        statuses = at_once(16, lambda n: [call(server.url + ("/__requests" if n % 2 else "/users"))[0]
+                                          for _ in range(20)])
+        assert {status for batch in statuses for status in batch} == {200, 401}
+        ids = [r["id"] for r in call(server.url + "/__requests?limit=1000")[1]["requests"]]
+        assert ids == list(range(1, 161))
 
 
 def test_server_reset_is_the_reset_route_in_python(tmp_path):

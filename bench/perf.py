@@ -391,11 +391,11 @@ def privacy(args, cpus):
     with app.db.transaction() as conn:
         ids = [messenger._insert_user(conn, f"{name}@example.com", name, password_hash)
                for name in ("ann", "bob", "carol", "outsider", "friend")]
-        group = messenger._insert_demo_chat(conn, "Secret", ids[:3], "2026-01-01T00:00:00.000Z")
+        group = messenger._insert_chat(conn, "Secret", ids[:3], "2026-01-01T00:00:00.000Z")
         conn.executemany("INSERT INTO messages (chat_id, author_id, text, created_at) VALUES (?, ?, ?, ?)",
                          [(group, ids[n % 3], f"the bluefish number {n} swims" if n % 2 else f"note {n}",
                            "2026-01-01T00:00:00.000Z") for n in range(messages)])
-        dialog = messenger._insert_demo_chat(conn, None, ids[3:], "2026-01-01T00:00:00.000Z")
+        dialog = messenger._insert_chat(conn, None, ids[3:], "2026-01-01T00:00:00.000Z")
         for n in range(50):
             messenger._insert_message(conn, dialog, ids[3], f"hello {n}", "2026-01-01T00:00:00.000Z")
     app.db.close()
