@@ -3166,7 +3166,7 @@ def seed(app):
 
 
 def _insert_chat(conn, name, members, created_at):
-    """A demo dialog (no name) or group (its first member the owner), its members in; its id."""
+    """A dialog (no name) or a group (its first member the owner) of fixtures, its members in; its id."""
     if name is None:
         low, high = sorted(members)
         chat_id = conn.execute(
