@@ -2939,6 +2939,8 @@ class FixturesError(ValueError):
     """Fixtures that cannot be loaded: `path` names the entry at fault (chats[1].messages[3].from)."""
 
     def __init__(self, path, message):
+        # A key from the fixtures may hold a lone surrogate, which no answer can encode.
+        path, message = (text.encode("utf-8", "backslashreplace").decode() for text in (path, message))
         super().__init__(f"{path}: {message}" if path else message)
         self.path, self.message = path, message
 
@@ -2979,11 +2981,14 @@ def _fixture_file(spec, path, base, max_bytes):
     if isinstance(spec, str):
         if base is None:
             raise FixturesError(path, "files are inline here: {\"name\": ..., \"base64\": ...}")
+        if os.path.isabs(spec):
+            raise FixturesError(path, "a file's path is relative to the fixtures file")
         try:
             with open(os.path.join(base, spec), "rb") as f:
                 data = f.read(max_bytes + 1)
-        except OSError as exc:
-            raise FixturesError(path, f"cannot read {spec!r}: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            reason = getattr(exc, "strerror", None) or exc
+            raise FixturesError(path, f"cannot read {spec!r}: {reason}") from None
         name = spec
     else:
         _entry(spec, path, {"name", "base64"}, ("name", "base64"))
@@ -2992,8 +2997,7 @@ def _fixture_file(spec, path, base, max_bytes):
             data = base64.b64decode(spec["base64"], validate=True)
         except (TypeError, ValueError):
             raise FixturesError(f"{path}.base64", "is not base64") from None
-    if not isinstance(name, str):
-        raise FixturesError(path, "a file's name must be a string")
+    _checked(path, _string, {"name": name}, "name", required=True)  # a string, no NUL or lone surrogate
     if not data:
         raise FixturesError(path, "the file is empty")
     if len(data) > max_bytes:
@@ -3002,10 +3006,16 @@ def _fixture_file(spec, path, base, max_bytes):
     return name, mimetypes.guess_type(name)[0] or "application/octet-stream", data
 
 
+def _or_empty(value):
+    """An optional object of fixtures: {} when absent or null (other values are checked as given)."""
+    return {} if value is None else value
+
+
 def fixture_emails(fixtures):
     """The folded emails of the fixtures' users (a database they filled has exactly these)."""
-    return {_fold(str(user.get("email", "")).strip())
-            for user in fixtures.get("users") or [] if isinstance(user, dict)}
+    users = _entries(_entry(fixtures, "", {"users", "chats"}).get("users"), "users")
+    return {_fold(user["email"].strip()) for user in users
+            if isinstance(user, dict) and isinstance(user.get("email"), str)}
 
 
 def load_fixtures(app, conn, fixtures, base=None):
@@ -3023,8 +3033,8 @@ def load_fixtures(app, conn, fixtures, base=None):
                   for field in ("username", "name", "status", "phone")}
         if _fold(email) in emails:
             raise FixturesError(f"{path}.email", f"{email!r} is there twice")
-        if fields["username"] and _taken(conn, username=fields["username"]):
-            raise FixturesError(f"{path}.username", f"{fields['username']!r} is taken")
+        if fields["username"]:
+            _checked(path, _taken, conn, username=fields["username"])
         username = fields.pop("username") or _free_username(conn, _username_from_email(email))
         if password not in hashes:
             hashes[password] = hash_password(password, app.options.password_iterations)
@@ -3090,7 +3100,7 @@ def load_fixtures(app, conn, fixtures, base=None):
             if message["edited"]:
                 conn.execute("UPDATE messages SET edited_at = ? WHERE id = ?",
                              (_iso(min(sent + 30, now)), message_id))
-        reactions = _entry(message.get("reactions") or {}, f"{path}.reactions")
+        reactions = _entry(_or_empty(message.get("reactions")), f"{path}.reactions")
         for emoji, who in reactions.items():
             emoji = _checked(f"{path}.reactions", _emoji, {"emoji": emoji})
             for k, email in enumerate(_entries(who, f"{path}.reactions.{emoji}")):
@@ -3120,9 +3130,9 @@ def load_fixtures(app, conn, fixtures, base=None):
                      " opened_after = coalesce(?, " + OPENED_NOW + ") WHERE id = ?",
                      (first or _iso(now), order[-1] if order else None, len(order), 0 if order else None,
                       chat_id))
-        read = _entry(chat.get("read") or {}, f"{path}.read")
+        read = _entry(_or_empty(chat.get("read")), f"{path}.read")
         for email, count in read.items():
-            user = emails.get(_fold(email))
+            user = emails.get(_fold(email)) if isinstance(email, str) else None
             if user not in members:
                 raise FixturesError(f"{path}.read.{email}", "is not a member of this chat")
             if type(count) is not int or not 0 <= count <= len(order):
@@ -3273,6 +3283,9 @@ def _observed(app, wsgi, environ, start_response):
         answer["status"] = int(status.split()[0])
         return start_response(status, headers, exc_info)
 
+    session = None  # the one the request carried (a logout ends it)
+    with contextlib.suppress(bottle.HTTPResponse):
+        session = _session(app.db)
     if rule and rule.get("delay_ms"):
         time.sleep(rule["delay_ms"] / 1000)
     if rule and rule.get("drop"):
@@ -3290,9 +3303,6 @@ def _observed(app, wsgi, environ, start_response):
         out = [_error_body("injected_fault", f"A fault rule of PUT /__faults answered {status}.").encode()]
     else:
         out = wsgi(environ, start)
-    session = None
-    with contextlib.suppress(bottle.HTTPResponse):
-        session = _session(app.db)
     entry = {
         "id": None, "at": _iso(time.time()), "method": method, "path": path,
         "query": environ.get("QUERY_STRING", ""), "status": answer.get("status"),
@@ -3305,6 +3315,15 @@ def _observed(app, wsgi, environ, start_response):
 
 
 FAULT_KEYS = {"method", "path", "status", "delay_ms", "drop", "times", "rate"}
+
+
+def _encodes(text):
+    """Whether text is valid Unicode (no lone surrogate), as every answer must be."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _fault_rules(body):
@@ -3325,8 +3344,8 @@ def _fault_rules(body):
         if rule.get("path") is None:
             raise _missing(f"{where}.path")
         kept = {key: value for key, value in rule.items() if value is not None}
-        checks = {"method": lambda v: isinstance(v, str) and v.isupper(),
-                  "path": lambda v: isinstance(v, str) and v.startswith("/"),
+        checks = {"method": lambda v: isinstance(v, str) and v.isascii() and v.isupper(),
+                  "path": lambda v: isinstance(v, str) and v.startswith("/") and _encodes(v),
                   "status": lambda v: type(v) is int and 400 <= v <= 599,
                   "delay_ms": lambda v: type(v) is int and 0 <= v <= 60000,
                   "drop": lambda v: isinstance(v, bool),
@@ -3360,7 +3379,8 @@ def put_faults(app):
     with app.test_lock:
         app.faults[:] = rules
         shown = _shown_rules(app)
-    if any(rule.get("drop") and rule["pattern"].fullmatch("/updates/stream") for rule in rules):
+    if any(rule.get("drop") and rule.get("method", "GET") == "GET"
+           and rule["pattern"].fullmatch("/updates/stream") for rule in rules):
         app.feed.end_streams()
     return shown
 
@@ -3743,7 +3763,7 @@ class Server:
     def reset(self, fixtures=None):
         """Do what POST /__reset does, without the flag: empty the database and load these fixtures
         (a path or a dict), or the server's own; FixturesError, and nothing changed, if they are wrong."""
-        if isinstance(fixtures, str):
+        if isinstance(fixtures, (str, os.PathLike)):
             reset(self.app, _read_fixtures(fixtures), os.path.dirname(os.path.abspath(fixtures)))
         else:
             reset(self.app, fixtures, os.getcwd())

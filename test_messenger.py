@@ -4224,6 +4224,14 @@ BAD_FIXTURES = [
     (["chats", 0, "messages", 0, "minutes_ago"], -1, "chats[0].messages[0].minutes_ago"),
     (["chats", 1, "read"], {"ann@example.com": 5}, "chats[1].read.ann@example.com"),
     (["chats", 1, "colour"], "red", "chats[1].colour"),
+    (["users", 2, "username"], "BOB", "users[2].username"),
+    (["chats", 0, "messages", 1, "files"], [{"name": "\ud800.txt", "base64": "aGk="}],
+     "chats[0].messages[1].files[0].name"),
+    (["chats", 0, "messages", 1, "files"], ["/etc/hostname"], "chats[0].messages[1].files[0]"),
+    (["chats", 0, "messages", 1, "files"], ["nul\0.png"], "chats[0].messages[1].files[0]"),
+    (["chats", 0, "messages", 1, "reactions"], [], "chats[0].messages[1].reactions"),
+    (["chats", 1, "read"], {"\ud800": 1}, "chats[1].read.\\ud800"),
+    (["users"], 5, "users"),
 ]
 
 
@@ -4322,6 +4330,12 @@ def test_requests_log_what_was_answered(test_app):
     assert (login["user_id"], login["body"]) == (None, {"email": "ann@example.com", "password": "***"})
     assert (sent["user_id"], sent["body"], listed["query"]) == (1, {"text": "logged"}, "limit=x")
     assert [r["id"] for r in logged] == sorted(r["id"] for r in logged) and sent["duration_ms"] >= 0
+
+
+def test_requests_log_the_session_a_logout_carried(test_app):
+    ann = fixture_client(test_app)
+    ann.delete("/logout")
+    assert CheckedApp(test_app).get("/__requests").json["requests"][-1]["user_id"] == 1
 
 
 def test_requests_mask_every_password_also_nested(test_app):
