@@ -4435,7 +4435,8 @@ def test_server_fault_drop_breaks_the_connection(tmp_path):
     assert not [line for line in process.log if "Traceback" in line or "Error" in line]
 
 
-def test_server_drop_rule_ends_an_open_stream(tmp_path):
+def stream_ended_by(tmp_path, action):
+    """Open a stream, do action(server) while it waits: (seconds until it ended, what it sent)."""
     with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True,
                           test_routes=True) as server:
         _, cookie = login_at(server.url, "ann@example.com")
@@ -4444,23 +4445,20 @@ def test_server_drop_rule_ends_an_open_stream(tmp_path):
         reader.start()
         assert wait_until(lambda: server.app.feed.waiting == 1)
         started = time.monotonic()
-        call(server.url + "/__faults", "PUT", {"faults": [{"path": "/updates/stream", "drop": True}]})
+        action(server)
         reader.join()
-        assert time.monotonic() - started < 2 and ended["text"].startswith("retry:")
+        return time.monotonic() - started, ended["text"]
+
+
+def test_server_drop_rule_ends_an_open_stream(tmp_path):
+    rule = {"faults": [{"path": "/updates/stream", "drop": True}]}
+    seconds, text = stream_ended_by(tmp_path, lambda server: call(server.url + "/__faults", "PUT", rule))
+    assert seconds < 1 and text.startswith("retry:")
 
 
 def test_server_reset_ends_open_streams(tmp_path):
-    with messenger.Server(db=str(tmp_path / "s.db"), password_iterations=ITERATIONS, quiet=True,
-                          test_routes=True) as server:
-        _, cookie = login_at(server.url, "ann@example.com")
-        ended = {}
-        reader = threading.Thread(target=lambda: ended.update(text=read_stream(server, cookie)[1]))
-        reader.start()
-        assert wait_until(lambda: server.app.feed.waiting == 1)
-        started = time.monotonic()
-        assert call(server.url + "/__reset", "POST")[0] == 200
-        reader.join()
-        assert time.monotonic() - started < 1
+    seconds, text = stream_ended_by(tmp_path, lambda server: call(server.url + "/__reset", "POST"))
+    assert seconds < 1 and text.startswith("retry:")
 
 
 def test_cli_fixtures_fill_the_database_and_start_as_they_are_again(tmp_path):
