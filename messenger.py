@@ -10,12 +10,14 @@ the same program):
 
     python messenger.py --port 8080 --db messenger.db
     python messenger.py --demo --db :memory:    # a mock backend with demo data
+    python messenger.py --fixtures my.json --test-routes   # your data; reset, faults, a request log
 
 Embed it (for example in a test suite):
 
     import messenger
     with messenger.Server(db=":memory:") as server:   # a free port
         print(server.url)
+        server.reset()                                # a fresh state for the next test
 
     app = messenger.make_app("chat.db")   # a plain WSGI application
 
