@@ -3133,17 +3133,19 @@ def load_fixtures(app, conn, fixtures, base=None):
                      (first or _iso(now), order[-1] if order else None, len(order), 0 if order else None,
                       chat_id))
         read = _entry(_or_empty(chat.get("read")), f"{path}.read")
+        given = {}  # member id: how many of the chat's messages they have read
         for email, count in read.items():
             user = emails.get(_fold(email)) if isinstance(email, str) else None
             if user not in members:
                 raise FixturesError(f"{path}.read.{email}", "is not a member of this chat")
+            if user in given:
+                raise FixturesError(f"{path}.read.{email}", "this member is there twice")
             if type(count) is not int or not 0 <= count <= len(order):
                 raise FixturesError(f"{path}.read.{email}", f"must be a count of messages, 0 to {len(order)}")
+            given[user] = count
         for user in members:
-            email = next(key for key, value in emails.items() if value == user)
-            given = {_fold(key): value for key, value in read.items()}
-            if email in given:  # how many of the chat's messages they have read
-                mark = order[given[email] - 1] if given[email] else 0
+            if user in given:
+                mark = order[given[user] - 1] if given[user] else 0
             else:  # up to their own last message
                 mark = conn.execute("SELECT coalesce(max(id), 0) FROM messages"
                                     " WHERE chat_id = ? AND author_id = ?", (chat_id, user)).fetchone()[0]

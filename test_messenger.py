@@ -4232,6 +4232,7 @@ BAD_FIXTURES = [
     (["chats", 0, "messages", 1, "reactions"], [], "chats[0].messages[1].reactions"),
     (["chats", 1, "read"], {"\ud800": 1}, "chats[1].read.\\ud800"),
     (["users"], 5, "users"),
+    (["chats", 1, "read"], {"ann@example.com": 0, "ANN@example.com": 1}, "chats[1].read.ANN@example.com"),
 ]
 
 
